@@ -1,0 +1,123 @@
+"""One Settings object for the API, the worker, the command line and migrations/env.py.
+
+Every field is read from the environment with the prefix ``GPTOSS_`` (``GPTOSS_DATA_DIR``,
+``GPTOSS_BASE_MODEL``, ...) or from a ``.env`` file in the working directory.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The embedded default: a tiny random-init GPT-OSS-architecture model the project generates itself.
+TINY_MODEL_ID = "tiny-gpt-oss"
+# The real model, used where a CUDA GPU is present and base_model is "auto".
+GPU_DEFAULT_MODEL_ID = "unsloth/gpt-oss-20b"
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        return False
+    return bool(torch.cuda.is_available())
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GPTOSS_", env_file=".env", extra="ignore")
+
+    # --- storage -------------------------------------------------------------------------------
+    data_dir: Path = Field(Path("data"), description="Database, uploads, checkpoints, adapters, tokenizer.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default sqlite:///<data_dir>/service.db"
+    )
+
+    # --- model ---------------------------------------------------------------------------------
+    base_model: str = Field(
+        "auto",
+        description=f"'auto' = {GPU_DEFAULT_MODEL_ID} with a CUDA GPU, else the embedded '{TINY_MODEL_ID}'. "
+        "Also a hub id or a local folder.",
+    )
+    backend: Literal["auto", "unsloth", "hf"] = Field(
+        "auto", description="'auto' = unsloth where CUDA and Unsloth are present, else transformers+PEFT"
+    )
+    load_in_4bit: bool = Field(True, description="Load the base in 4-bit on CUDA (ignored on CPU).")
+    max_seq_length: int = Field(2048, ge=64, le=131072, description="Longest training sequence, tokens.")
+
+    # --- auth ------------------------------------------------------------------------------------
+    auth: Literal["keys", "none"] = Field(
+        "keys", description="'keys': Bearer API keys on every route but health. 'none': local use only."
+    )
+    host: str = Field("127.0.0.1", description="Address the API binds to.")
+    port: int = Field(8000, ge=1, le=65535)
+
+    # --- limits ------------------------------------------------------------------------------------
+    max_upload_bytes: int = Field(100 * 1024 * 1024, ge=1, description="Largest dataset upload.")
+    max_request_bytes: int = Field(2 * 1024 * 1024, ge=1, description="Largest JSON request body.")
+    max_dataset_rows: int = Field(100_000, ge=1, description="Most rows in one dataset.")
+    max_new_tokens_cap: int = Field(4096, ge=1, description="Largest max_new_tokens a request may ask.")
+    max_prompt_tokens: int = Field(8192, ge=16, description="Longest prompt /generate accepts.")
+    max_concurrent_generations: int = Field(64, ge=1, description="Queued+running generations before 503.")
+    max_batch_size: int = Field(16, ge=1, description="Most rows the engine decodes together.")
+    rate_limit_per_minute: int = Field(600, ge=0, description="Requests per API key per minute; 0 = off.")
+
+    # --- inference -----------------------------------------------------------------------------------
+    adapter_cache_size: int = Field(8, ge=1, description="Adapters kept loaded (LRU; pinned ones stay).")
+    pinned_adapters: list[str] = Field(default_factory=list, description="Adapter ids never evicted.")
+    release_gpu_during_training: bool = Field(
+        False, description="One-GPU hosts: the API frees its model while a training job runs."
+    )
+    load_model_on_start: bool = Field(True, description="Load the base model when the API starts.")
+
+    # --- worker --------------------------------------------------------------------------------------
+    worker_poll_s: float = Field(1.0, gt=0, description="How often an idle worker looks for a job.")
+    heartbeat_s: float = Field(5.0, gt=0, description="Worker heartbeat interval.")
+    lease_s: float = Field(60.0, gt=0, description="A job whose heartbeat is older than this is requeued.")
+    max_attempts: int = Field(3, ge=1, description="Attempts per job before it is failed.")
+
+    log_level: str = Field("INFO")
+    log_json: bool = Field(True, description="One JSON object per log line.")
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.data_dir.resolve() / 'service.db'}"
+        return self
+
+    # --- derived paths ------------------------------------------------------------------------------
+    @property
+    def db_url(self) -> str:
+        assert self.database_url is not None
+        return self.database_url
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Per-job working folders: checkpoints, logs."""
+        return self.data_dir / "jobs"
+
+    @property
+    def models_dir(self) -> Path:
+        """Generated models (the tiny default) and the offline tokenizer."""
+        return self.data_dir / "models"
+
+    def resolved_base_model(self) -> str:
+        if self.base_model != "auto":
+            return self.base_model
+        return GPU_DEFAULT_MODEL_ID if cuda_available() else TINY_MODEL_ID
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
