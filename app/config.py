@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default sqlite:///<data_dir>/service.db"
     )
+    models_dir: Path | None = Field(
+        None, description="Generated models (the tiny default) and the offline tokenizer; default <data_dir>/models"
+    )
 
     # --- model ---------------------------------------------------------------------------------
     base_model: str = Field(
@@ -86,6 +89,8 @@ class Settings(BaseSettings):
     def _fill_defaults(self) -> Settings:
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.data_dir.resolve() / 'service.db'}"
+        if self.models_dir is None:
+            self.models_dir = self.data_dir / "models"
         return self
 
     # --- derived paths ------------------------------------------------------------------------------
@@ -108,9 +113,9 @@ class Settings(BaseSettings):
         return self.data_dir / "jobs"
 
     @property
-    def models_dir(self) -> Path:
-        """Generated models (the tiny default) and the offline tokenizer."""
-        return self.data_dir / "models"
+    def models_path(self) -> Path:
+        assert self.models_dir is not None
+        return self.models_dir
 
     def resolved_base_model(self) -> str:
         if self.base_model != "auto":
