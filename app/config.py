@@ -75,6 +75,12 @@ class Settings(BaseSettings):
         False, description="One-GPU hosts: the API frees its model while a training job runs."
     )
     load_model_on_start: bool = Field(True, description="Load the base model when the API starts.")
+    batch_window_ms: float = Field(
+        5.0, ge=0, le=1000, description="How long the engine waits for requests arriving together to share a batch."
+    )
+    release_poll_s: float = Field(
+        2.0, gt=0, description="With release_gpu_during_training: how often the engine looks for running jobs."
+    )
 
     # --- worker --------------------------------------------------------------------------------------
     worker_poll_s: float = Field(1.0, gt=0, description="How often an idle worker looks for a job.")

@@ -82,3 +82,16 @@ class TransitionError(ServiceError):
 
     status = 409
     code = "invalid_transition"
+
+
+class DatasetInvalid(InvalidInput):
+    """A dataset row failed validation; `row` is 1-based so the user can find it in their file."""
+
+    code = "invalid_dataset"
+
+    def __init__(self, field: str, message: str, *, row: int | None = None) -> None:
+        super().__init__(field, message)
+        self.row = row
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {**super().to_dict(), "row": None if self.row is None else str(self.row)}

@@ -1,0 +1,96 @@
+"""Dependencies shared by the routes: the settings, a database session, and API-key auth."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Callable, Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db import utcnow
+from app.exceptions import Forbidden, Unauthorized
+from app.models import ApiKey
+
+SCOPES = ("read", "train", "generate", "admin")
+KEY_PREFIX = "gpt-"
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with request.app.state.sessionmaker() as session:
+        yield session
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[Session, Depends(get_session)]
+
+# auto_error=False: a missing header is our 401 with our error body, not FastAPI's 403.
+_bearer = HTTPBearer(auto_error=False, description="An API key from scripts/create_api_key.py")
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def hash_key(secret: str) -> str:
+    """sha256 is enough: keys are 32 random bytes, so there is nothing to brute-force."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_key_secret() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def create_api_key(session: Session, name: str, scopes: list[str]) -> tuple[ApiKey, str]:
+    """Store a new key (hashed) and return it with the secret, which is shown once and never stored."""
+    unknown = sorted(set(scopes) - set(SCOPES))
+    if unknown or not scopes:
+        raise ValueError(f"scopes must be some of {', '.join(SCOPES)}; got {', '.join(scopes) or 'none'}")
+    secret = new_key_secret()
+    key = ApiKey(name=name, key_hash=hash_key(secret), prefix=secret[:10], scopes=",".join(scopes))
+    session.add(key)
+    session.commit()
+    return key, secret
+
+
+def _authenticate(session: Session, credentials: HTTPAuthorizationCredentials | None) -> ApiKey:
+    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", field="Authorization")
+    key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(credentials.credentials)))
+    if key is None or key.revoked_at is not None:
+        raise Unauthorized("unknown or revoked API key", field="Authorization")
+    session.execute(update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=utcnow()))
+    session.commit()
+    return key
+
+
+def require_scope(scope: str) -> Callable[..., ApiKey | None]:
+    """A dependency (use as `Depends(require_scope("train"))`) that lets a request through when its key
+    has `scope` or admin. Returns the key, or None in auth=none mode."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}")
+
+    def check(request: Request, session: SessionDep, credentials: BearerDep) -> ApiKey | None:
+        if request.app.state.settings.auth == "none":
+            return None
+        key = _authenticate(session, credentials)
+        granted = set(key.scopes.split(","))
+        if scope not in granted and "admin" not in granted:
+            raise Forbidden(f"this API key lacks the '{scope}' scope", field="Authorization")
+        request.state.api_key_id = key.id
+        return key
+
+    return check
+
+
+ReadKey = Annotated[ApiKey | None, Depends(require_scope("read"))]
+TrainKey = Annotated[ApiKey | None, Depends(require_scope("train"))]
+GenerateKey = Annotated[ApiKey | None, Depends(require_scope("generate"))]
+AdminKey = Annotated[ApiKey | None, Depends(require_scope("admin"))]

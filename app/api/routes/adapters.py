@@ -1,0 +1,51 @@
+"""Trained adapters: list, inspect (the manifest), delete."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+
+from app import registry
+from app.api.deps import ReadKey, SessionDep, TrainKey
+from app.models import Adapter
+from app.schemas import AdapterPublic, Deleted, Page
+
+router = APIRouter(prefix="/adapters", tags=["adapters"])
+
+
+@router.get("", response_model=Page[AdapterPublic])
+def list_adapters(
+    session: SessionDep,
+    _key: ReadKey,
+    after: Annotated[str | None, Query(description="Last id of the previous page.")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> dict[str, Any]:
+    """Adapters, newest first."""
+    rows = registry.list_adapters(session, after=after, limit=limit + 1)
+    data = rows[:limit]
+    return {"data": data, "has_more": len(rows) > limit, "next_cursor": data[-1].id if data else None}
+
+
+@router.get("/{ref}", response_model=AdapterPublic)
+def get_adapter(ref: str, session: SessionDep, _key: ReadKey) -> Adapter:
+    """One adapter by id or name: base and fingerprint, targets, hyperparameters, metrics, source job."""
+    return registry.find_adapter(session, ref)
+
+
+@router.delete("/{ref}", response_model=Deleted)
+def delete_adapter(ref: str, request: Request, session: SessionDep, _key: TrainKey) -> Deleted:
+    """Unload the adapter from the inference engine, then delete its row and its files."""
+    adapter = registry.find_adapter(session, ref)
+    adapter_id, path = adapter.id, adapter.path
+    engine = getattr(request.app.state, "engine", None)
+    if engine is not None:
+        engine.unload(adapter_id)
+    session.delete(adapter)
+    session.commit()
+    if engine is not None:
+        engine.unload(
+            adapter_id
+        )  # again: a request between the first unload and the delete may have loaded it
+    registry.delete_adapter_files(path)
+    return Deleted(id=adapter_id, object="adapter")

@@ -1,0 +1,120 @@
+"""Dataset uploads: JSONL, size-limited, validated row by row on upload, stored under their sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Query, UploadFile, status
+from sqlalchemy import func, select
+
+from app import queue
+from app.api.deps import ReadKey, SessionDep, SettingsDep, TrainKey
+from app.config import Settings
+from app.exceptions import Conflict, LimitExceeded, NotFound
+from app.models import FileRecord
+from app.schemas import Deleted, FilePublic, Page
+
+router = APIRouter(prefix="/files", tags=["files"])
+CHUNK = 1024 * 1024
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=FilePublic)
+def upload_file(
+    file: UploadFile,
+    session: SessionDep,
+    settings: SettingsDep,
+    _key: TrainKey,
+    purpose: Annotated[str, Form(max_length=32)] = "fine-tune",
+) -> FileRecord:
+    """Upload a JSONL dataset (one chat per line). A bad row is refused now, with its number and why."""
+    settings.uploads_dir.mkdir(parents=True, exist_ok=True)
+    tmp, digest, size = _receive(file, settings)
+    try:
+        rows = queue.validate_dataset_file(tmp, settings)
+        final = settings.uploads_dir / f"{digest}.jsonl"
+        os.replace(tmp, final)  # same bytes under the same name: a re-upload just replaces it
+    finally:
+        tmp.unlink(missing_ok=True)
+    record = FileRecord(
+        filename=Path(file.filename or "upload.jsonl").name[:255],
+        purpose=purpose,
+        bytes=size,
+        rows=rows,
+        sha256=digest,
+        path=str(final.resolve()),
+    )
+    session.add(record)
+    session.commit()
+    return record
+
+
+def _receive(upload: UploadFile, settings: Settings) -> tuple[Path, str, int]:
+    """Stream the upload to a temp file, hashing as it goes; stop as soon as it passes the size limit."""
+    digest, size = hashlib.sha256(), 0
+    fd, name = tempfile.mkstemp(dir=settings.uploads_dir, prefix=".upload-", suffix=".jsonl")
+    tmp = Path(name)
+    with os.fdopen(fd, "wb") as out:
+        while chunk := upload.file.read(CHUNK):
+            size += len(chunk)
+            if size > settings.max_upload_bytes:
+                out.close()
+                tmp.unlink(missing_ok=True)
+                raise LimitExceeded(
+                    f"file: must be at most {settings.max_upload_bytes} bytes; split the dataset",
+                    field="file",
+                )
+            digest.update(chunk)
+            out.write(chunk)
+    return tmp, digest.hexdigest(), size
+
+
+@router.get("", response_model=Page[FilePublic])
+def list_files(
+    session: SessionDep,
+    _key: ReadKey,
+    after: Annotated[str | None, Query(description="Last id of the previous page.")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> dict[str, object]:
+    """Uploaded files, newest first."""
+    query = select(FileRecord).order_by(FileRecord.id.desc()).limit(limit + 1)
+    if after:
+        query = query.where(FileRecord.id < after)
+    rows = list(session.scalars(query))
+    data = rows[:limit]
+    return {"data": data, "has_more": len(rows) > limit, "next_cursor": data[-1].id if data else None}
+
+
+@router.get("/{file_id}", response_model=FilePublic)
+def get_file(file_id: str, session: SessionDep, _key: ReadKey) -> FileRecord:
+    """One uploaded file's record."""
+    return _get(session, file_id)
+
+
+@router.delete("/{file_id}", response_model=Deleted)
+def delete_file(file_id: str, session: SessionDep, _key: TrainKey) -> Deleted:
+    """Delete a file; refused while a queued or running job uses it."""
+    record = _get(session, file_id)
+    if users := queue.jobs_using_file(session, file_id):
+        raise Conflict(
+            f"file {file_id} is used by active job(s) {', '.join(users)}; cancel them first", field="file_id"
+        )
+    session.delete(record)
+    session.commit()
+    # Uploads are stored by content hash; keep the bytes while another record shares them.
+    shared = session.scalar(
+        select(func.count()).select_from(FileRecord).where(FileRecord.sha256 == record.sha256)
+    )
+    if not shared:
+        Path(record.path).unlink(missing_ok=True)
+    return Deleted(id=file_id, object="file")
+
+
+def _get(session: SessionDep, file_id: str) -> FileRecord:
+    record = session.get(FileRecord, file_id)
+    if record is None:
+        raise NotFound(f"file {file_id!r} does not exist; GET /files lists them", field="file_id")
+    return record

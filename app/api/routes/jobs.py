@@ -1,0 +1,219 @@
+"""Fine-tuning jobs: submit, inspect, list, cancel, follow events, list checkpoints."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, cast
+
+from fastapi import APIRouter, Header, Query, Request, Response, status
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app import queue
+from app.api.deps import ReadKey, SessionDep, SettingsDep, TrainKey
+from app.config import Settings
+from app.exceptions import InvalidInput, ServiceError
+from app.ml.trainer import TrainConfig
+from app.models import Adapter, Job, JobEvent
+from app.schemas import (
+    AdapterPublic,
+    CheckpointPublic,
+    JobCreate,
+    JobError,
+    JobEventPublic,
+    JobProgress,
+    JobPublic,
+    JobStatus,
+    Page,
+)
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+# TrainConfig fields the request sets at its top level, or the server sets from its limits.
+_OWN_FIELDS = {"base_model", "dataset", "seed", "max_rows", "max_bytes"}
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobPublic,
+    responses={200: {"description": "A repeat of an earlier request with the same Idempotency-Key."}},
+)
+def create_job(
+    body: JobCreate,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    _key: TrainKey,
+    idempotency_key: Annotated[str | None, Header(max_length=255, description="Retry-safe submit.")] = None,
+) -> JobPublic:
+    """Queue a fine-tuning job. The dataset and every hyperparameter are checked now, not an hour from now."""
+    base_model = body.base_model or settings.resolved_base_model()
+    source, file_id = queue.resolve_dataset(session, body.dataset)
+    config = build_config(session, settings, body, base_model, source)
+    if file_id is None and not body.dataset.startswith("hf:"):
+        queue.load_dataset(
+            source, settings
+        )  # samples: cheap to check now; hf: datasets are checked by the worker
+    new = queue.NewJob(
+        base_model=base_model,
+        dataset=body.dataset,
+        file_id=file_id,
+        config=config,
+        name=body.suffix,
+        priority=body.priority,
+        metadata=body.metadata,
+        max_attempts=settings.max_attempts,
+        api_key_id=getattr(request.state, "api_key_id", None),
+    )
+    job, created = queue.create_job(session, new, idempotency_key=idempotency_key)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return job_public(session, job)
+
+
+def build_config(
+    session: Session, settings: Settings, body: JobCreate, base_model: str, source: str
+) -> dict[str, Any]:
+    """Validate the hyperparameters with TrainConfig, the one place training options are defined."""
+    own = sorted(_OWN_FIELDS & set(body.hyperparameters))
+    if own:
+        raise InvalidInput(f"hyperparameters.{own[0]}", "is set by the server or the job request, not here")
+    values: dict[str, Any] = {"backend": settings.backend, "load_in_4bit": settings.load_in_4bit}
+    values.update(body.hyperparameters)
+    values.update(
+        base_model=base_model,
+        dataset=source,
+        max_rows=settings.max_dataset_rows,
+        max_bytes=settings.max_upload_bytes,
+    )
+    if body.seed is not None:
+        values["seed"] = body.seed
+    if isinstance(values.get("eval_dataset"), str):  # same forms as dataset; never a raw server path
+        values["eval_dataset"] = _eval_source(session, values["eval_dataset"])
+    try:
+        config = TrainConfig(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "hyperparameters"
+        raise InvalidInput(f"hyperparameters.{field}", first["msg"]) from None
+    return config.model_dump(mode="json")
+
+
+def _eval_source(session: Session, dataset: str) -> str:
+    try:
+        return queue.resolve_dataset(session, dataset)[0]
+    except ServiceError as err:
+        raise InvalidInput("hyperparameters.eval_dataset", err.message.split(": ", 1)[-1]) from None
+
+
+@router.get("", response_model=Page[JobPublic])
+def list_jobs(
+    session: SessionDep,
+    _key: ReadKey,
+    status_: Annotated[JobStatus | None, Query(alias="status")] = None,
+    after: Annotated[str | None, Query(description="Last id of the previous page.")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> dict[str, Any]:
+    """Jobs, newest first, optionally only those in one status."""
+    rows, has_more = queue.list_jobs(session, status=status_, after=after, limit=limit)
+    data = [job_public(session, job) for job in rows]
+    return {"data": data, "has_more": has_more, "next_cursor": rows[-1].id if rows else None}
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def get_job(job_id: str, session: SessionDep, _key: ReadKey) -> JobPublic:
+    """A job's status, progress, latest losses, speed, ETA, queue position, error or adapter."""
+    return job_public(session, queue.get_job(session, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: str, session: SessionDep, _key: TrainKey) -> JobPublic:
+    """Cancel: a queued job at once; a running one within seconds, keeping its checkpoints."""
+    return job_public(session, queue.request_cancel(session, job_id))
+
+
+@router.get("/{job_id}/events", response_model=Page[JobEventPublic])
+def job_events(
+    job_id: str,
+    session: SessionDep,
+    _key: ReadKey,
+    after: Annotated[int, Query(ge=0, description="Last event id already seen.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    kind: Annotated[str | None, Query(pattern="^(log|metrics|eval|checkpoint|status)$")] = None,
+) -> dict[str, Any]:
+    """Log lines, per-step metrics, checkpoints and status changes, oldest first."""
+    queue.get_job(session, job_id)
+    rows, has_more = queue.list_events(session, job_id, after=after, limit=limit, kind=kind)
+    return {"data": rows, "has_more": has_more, "next_cursor": str(rows[-1].id) if rows else None}
+
+
+@router.get("/{job_id}/checkpoints", response_model=Page[CheckpointPublic])
+def job_checkpoints(job_id: str, session: SessionDep, settings: SettingsDep, _key: ReadKey) -> dict[str, Any]:
+    """The checkpoints on disk (the trainer may rotate old ones), with the metrics logged at their step."""
+    queue.get_job(session, job_id)
+    found = list_checkpoints(settings, job_id)
+    metrics = _metrics_at(session, job_id, [step for step, _ in found])
+    data = [
+        CheckpointPublic(
+            step=step,
+            path=str(path),
+            metrics=metrics.get(step),
+            created_at=datetime.fromtimestamp(path.stat().st_mtime),
+        )
+        for step, path in found
+    ]
+    return {"data": data, "has_more": False}
+
+
+def list_checkpoints(settings: Settings, job_id: str) -> list[tuple[int, Path]]:
+    folder = settings.jobs_dir / job_id / "checkpoints"
+    found = []
+    for path in folder.glob("checkpoint-*") if folder.is_dir() else []:
+        if match := re.fullmatch(r"checkpoint-(\d+)", path.name):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def _metrics_at(session: Session, job_id: str, steps: list[int]) -> dict[int, dict[str, Any]]:
+    rows = session.scalars(
+        select(JobEvent).where(
+            JobEvent.job_id == job_id, JobEvent.kind == "metrics", JobEvent.step.in_(steps)
+        )
+    )
+    return {row.step: row.data for row in rows if row.step is not None and row.data is not None}
+
+
+def job_public(session: Session, job: Job) -> JobPublic:
+    adapter = session.get(Adapter, job.adapter_id) if job.adapter_id else None
+    error = JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
+    return JobPublic(
+        id=job.id,
+        name=job.name,
+        status=cast(JobStatus, job.status),
+        base_model=job.base_model,
+        dataset=job.dataset,
+        file_id=job.file_id,
+        hyperparameters=job.config,
+        metadata=job.meta,
+        priority=job.priority,
+        progress=JobProgress(step=job.step, total_steps=job.total_steps, epoch=job.epoch),
+        train_loss=job.train_loss,
+        eval_loss=job.eval_loss,
+        tokens_per_s=job.tokens_per_s,
+        eta_s=job.eta_s,
+        queue_position=queue.queue_position(session, job),
+        backend=job.backend,
+        attempts=job.attempts,
+        max_attempts=job.max_attempts,
+        cancel_requested=job.cancel_requested,
+        error=error,
+        adapter_id=job.adapter_id,
+        adapter=AdapterPublic.model_validate(adapter) if adapter else None,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )

@@ -1,0 +1,109 @@
+"""Engine, sessions and schema upgrades, shared by the API, the worker and its child processes.
+
+SQLite gets WAL (readers never block the one writer), a busy timeout (writers wait instead of failing)
+and foreign keys. The driver's own transaction handling is switched off so that SQLAlchemy's BEGIN is
+the real one; `immediate_session` starts with BEGIN IMMEDIATE, taking the write lock up front, which is
+what the job claim needs. Any other SQLAlchemy URL works unchanged (the SQLite parts are skipped).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_MS = 30_000
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def utcnow() -> datetime:
+    """Naive UTC: SQLite has no time zones, and every timestamp in the database is UTC."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _install_sqlite_pragmas(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # let SQLAlchemy's BEGIN below be the only one
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute("PRAGMA synchronous = NORMAL")
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "")
+        conn.exec_driver_sql(f"BEGIN {mode}".strip())
+
+
+def make_engine(settings: Settings) -> Engine:
+    url = settings.db_url
+    if url.startswith("sqlite"):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        _install_sqlite_pragmas(engine)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def immediate_session(engine: Engine) -> Iterator[Session]:
+    """A session whose transaction is BEGIN IMMEDIATE on SQLite (plain BEGIN elsewhere); commits on exit."""
+    conn = engine.connect().execution_options(sqlite_begin="IMMEDIATE")
+    with conn, Session(bind=conn) as session, session.begin():
+        yield session
+
+
+def _alembic_config(settings: Settings) -> Any:
+    from alembic.config import Config
+
+    cfg = Config(str(ROOT / "alembic.ini"))
+    cfg.set_main_option("script_location", str(ROOT / "migrations"))
+    cfg.attributes["settings"] = settings
+    return cfg
+
+
+def upgrade_to_head(settings: Settings) -> None:
+    """`alembic upgrade head`, serialised by a file lock so an API and workers starting together are safe."""
+    from alembic import command
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with open(settings.data_dir / ".migrate.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        command.upgrade(_alembic_config(settings), "head")
+
+
+def downgrade_to(settings: Settings, revision: str) -> None:
+    from alembic import command
+
+    command.downgrade(_alembic_config(settings), revision)
+
+
+def head_revision(settings: Settings) -> str | None:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_alembic_config(settings)).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()

@@ -1,0 +1,142 @@
+"""LoRA adapters hot-loaded onto one shared base model, in a least-recently-used cache.
+
+Only the engine thread calls into this class: PEFT's active adapter is global state on the model,
+so loading, switching and deleting must never overlap a forward pass. Loads and unloads are
+idempotent; the base model is the `None` adapter (PEFT's adapters switched off).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from app.exceptions import Conflict, NotFound
+from app.inference.types import AdapterSpec
+
+log = logging.getLogger(__name__)
+
+
+def check_fingerprint(spec: AdapterSpec, base_fingerprint: str, base_model: str) -> None:
+    """Refuse an adapter trained on another base: its deltas would silently corrupt this one's answers."""
+    if spec.fingerprint and spec.fingerprint != base_fingerprint:
+        raise Conflict(
+            f"adapter '{spec.name}' was trained for another base model "
+            f"(fingerprint {spec.fingerprint[:12]}); "
+            f"this server runs '{base_model}' (fingerprint {base_fingerprint[:12]}). "
+            "Serve it from a server running its base model, or retrain it on this one.",
+            field="adapter",
+        )
+
+
+def manifest_fingerprint(spec: AdapterSpec) -> str | None:
+    """The fingerprint the adapter's own manifest records; the files are the last word, not the row."""
+    path = spec.path / "manifest.json"
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    value = manifest.get("base_fingerprint") or manifest.get("fingerprint")
+    return str(value) if value else None
+
+
+class AdapterCache:
+    def __init__(self, model: Any, *, capacity: int, pinned: set[str], fingerprint: str, base_model: str):
+        self.base = model  # the plain model, as load_base returned it
+        self.peft: Any = None  # a PeftModel wrapping `base` once the first adapter is loaded
+        self.capacity = capacity
+        self.pinned = pinned
+        self.fingerprint = fingerprint
+        self.base_model = base_model
+        self.loaded: OrderedDict[str, AdapterSpec] = OrderedDict()  # least recently used first
+
+    def ensure(self, spec: AdapterSpec) -> None:
+        """Make `spec` loaded and most recently used, evicting the least recently used if full."""
+        if spec.id in self.loaded:
+            self.loaded.move_to_end(spec.id)
+            return
+        self._check_files(spec)
+        self._make_room()
+        self._load(spec)
+        self.loaded[spec.id] = spec
+        log.info("adapter loaded", extra={"adapter_id": spec.id, "cached": len(self.loaded)})
+
+    def unload(self, adapter_id: str) -> bool:
+        if adapter_id not in self.loaded:
+            return False
+        del self.loaded[adapter_id]
+        if not self.loaded:
+            # PEFT has no "zero adapters" state; strip the LoRA layers and serve the plain base again.
+            self.base = self.peft.unload()
+            self.peft = None
+        else:
+            self.peft.delete_adapter(adapter_id)
+        _free_memory()
+        log.info("adapter unloaded", extra={"adapter_id": adapter_id})
+        return True
+
+    @contextmanager
+    def activate(self, adapter_id: str | None) -> Iterator[Any]:
+        """Yield the module to run for `adapter_id` (None = base). Only valid on the engine thread."""
+        if self.peft is None:
+            if adapter_id is not None:
+                raise RuntimeError(f"adapter {adapter_id} is not loaded")
+            yield self.base
+        elif adapter_id is None:
+            with self.peft.disable_adapter():
+                yield self.peft
+        else:
+            self.peft.set_adapter(adapter_id)
+            yield self.peft
+
+    def _check_files(self, spec: AdapterSpec) -> None:
+        if not (spec.path / "adapter_config.json").is_file():
+            raise NotFound(f"adapter '{spec.name}' has no files at {spec.path} (deleted?)", field="adapter")
+        check_fingerprint(spec, self.fingerprint, self.base_model)
+        on_disk = manifest_fingerprint(spec)
+        if on_disk is not None:
+            check_fingerprint(
+                AdapterSpec(spec.id, spec.name, spec.path, on_disk), self.fingerprint, self.base_model
+            )
+
+    def _make_room(self) -> None:
+        while len(self.loaded) >= self.capacity:
+            victim = next((a for a in self.loaded if a not in self.pinned), None)
+            if victim is None:
+                log.warning("adapter cache full of pinned adapters; growing past adapter_cache_size")
+                return
+            self.unload(victim)
+
+    def _load(self, spec: AdapterSpec) -> None:
+        from peft import PeftModel
+
+        try:
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.base, str(spec.path), adapter_name=spec.id)
+            else:
+                self.peft.load_adapter(str(spec.path), adapter_name=spec.id)
+        except Exception as exc:
+            self._discard_partial(spec.id)
+            raise Conflict(f"adapter '{spec.name}' could not be loaded: {exc}", field="adapter") from exc
+        self.peft.eval()
+
+    def _discard_partial(self, adapter_id: str) -> None:
+        """A load that failed half-way must leave no layers behind that a later forward would apply."""
+        if self.peft is None or adapter_id not in self.peft.peft_config:
+            return
+        if self.loaded:
+            self.peft.delete_adapter(adapter_id)
+        else:
+            self.base = self.peft.unload()
+            self.peft = None
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

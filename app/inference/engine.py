@@ -1,0 +1,351 @@
+"""The inference engine: one shared base model, an LRU cache of LoRA adapters, one scheduler thread.
+
+Requests are queued from any thread (the HTTP event loop) and run on the engine thread, the only
+code that touches the model. PEFT's active adapter is global model state and PEFT's expert LoRA
+(`target_parameters`, a ParamWrapper) refuses per-row `adapter_names` ("does not support mixed
+adapter batches yet", peft 0.21), so each batch holds requests for ONE adapter (or the base): the
+oldest waiting request picks the adapter, and up to `max_batch_size` requests for it run together
+while the others wait. A batch runs to the end before the adapter is switched, so no request ever
+sees another adapter's weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.config import Settings
+from app.exceptions import Busy, ServiceError
+from app.inference.adapters import AdapterCache, _free_memory, check_fingerprint
+from app.inference.decoding import Row, decode_batch
+from app.inference.types import AdapterSpec, SamplingParams, TokenSink
+
+log = logging.getLogger(__name__)
+
+TrainingProbe = Callable[[], bool]
+
+
+@dataclass
+class _Pending:
+    row: Row
+    adapter: AdapterSpec | None
+    queued_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> str | None:
+        return self.adapter.id if self.adapter else None
+
+
+@dataclass
+class _Command:
+    """Work that must run on the engine thread between batches (an unload)."""
+
+    run: Callable[[], None]
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class InferenceEngine:
+    def __init__(self, settings: Settings, *, training_probe: TrainingProbe | None = None) -> None:
+        self.settings = settings
+        self.base_model_id = settings.resolved_base_model()
+        self._probe = training_probe
+        self._cond = threading.Condition()
+        self._start_lock = threading.Lock()
+        self._pending: list[_Pending] = []
+        self._commands: list[_Command] = []
+        self._running = 0  # rows in the batch now on the model
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._released = False  # model given back while a training job runs
+        self._next_probe = 0.0
+        self._loaded: Any = None  # app.ml.modeling.LoadedBase
+        self._cache: AdapterCache | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the base model (once) and start the engine thread. Idempotent and thread-safe."""
+        with self._start_lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._closing = False
+            self._load_base()
+            self._thread = threading.Thread(target=self._loop, name="inference-engine", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        self._fail_pending(Busy("the server is shutting down; retry on another instance", retry_after=5))
+        self._drop_model()
+
+    def is_ready(self) -> bool:
+        alive = self._thread is not None and self._thread.is_alive()
+        return alive and self._loaded is not None and not self._released
+
+    @property
+    def fingerprint(self) -> str:
+        self._require_loaded()
+        return str(self._loaded.fingerprint)
+
+    @property
+    def model_config(self) -> Any:
+        self._require_loaded()
+        return self._loaded.model.config
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def check_adapter(self, adapter: AdapterSpec) -> None:
+        """Conflict (409) now, rather than at load time, when the adapter belongs to another base."""
+        check_fingerprint(adapter, self.fingerprint, self.base_model_id)
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        sink: TokenSink,
+        adapter: AdapterSpec | None = None,
+    ) -> None:
+        """Queue one generation; tokens arrive at `sink` from the engine thread. Busy (503) when full."""
+        row = Row(prompt_ids=prompt_ids, params=params, sink=sink)
+        with self._cond:
+            self._refuse_if_unavailable()
+            self._pending.append(_Pending(row, adapter))
+            self._cond.notify_all()
+
+    def in_flight(self) -> int:
+        with self._cond:
+            return len(self._pending) + self._running
+
+    def unload(self, adapter_id: str) -> None:
+        """Drop an adapter from the cache (idempotent). Waits for the batch in progress, never cuts it."""
+        thread = self._thread
+        if thread is None or not thread.is_alive() or threading.current_thread() is thread:
+            self._unload_now(adapter_id)
+            return
+        command = _Command(lambda: self._unload_now(adapter_id))
+        with self._cond:
+            self._commands.append(command)
+            self._cond.notify_all()
+        command.done.wait(timeout=300)
+
+    def loaded_adapters(self) -> list[str]:
+        return list(self._cache.loaded) if self._cache else []
+
+    # --- engine thread -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(self._has_work, timeout=self._probe_interval())
+                if self._closing:
+                    return
+                commands, self._commands = self._commands, []
+            for command in commands:
+                self._run_command(command)
+            self._check_training()
+            batch = self._take_batch()
+            if batch:
+                self._run_batch(batch)
+
+    def _has_work(self) -> bool:
+        return self._closing or bool(self._commands) or (bool(self._pending) and not self._released)
+
+    def _take_batch(self) -> list[_Pending]:
+        """The oldest request's adapter, and up to max_batch_size waiting requests for it (oldest first)."""
+        self._wait_for_batch_window()
+        with self._cond:
+            if not self._pending or self._released:
+                return []
+            key = self._pending[0].key
+            batch = [p for p in self._pending if p.key == key][: self.settings.max_batch_size]
+            taken = {id(p) for p in batch}
+            self._pending = [p for p in self._pending if id(p) not in taken]
+            self._running = len(batch)
+            return batch
+
+    def _wait_for_batch_window(self) -> None:
+        """Give requests that arrive together a moment to share a batch."""
+        with self._cond:
+            if not self._pending or len(self._pending) >= self.settings.max_batch_size:
+                return
+            wait = self._pending[0].queued_at + self.settings.batch_window_ms / 1000 - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+
+    def _run_batch(self, batch: list[_Pending]) -> None:
+        try:
+            self._generate(batch)
+        except ServiceError as exc:
+            self._fail(batch, exc)
+        except Exception as exc:  # a model error fails this batch, never the engine
+            log.exception("generation batch failed")
+            self._fail(batch, exc)
+        finally:
+            with self._cond:
+                self._running = 0
+
+    def _generate(self, batch: list[_Pending]) -> None:
+        assert self._cache is not None
+        adapter = batch[0].adapter
+        if adapter is not None:
+            self._cache.ensure(adapter)
+        with self._cache.activate(adapter.id if adapter else None) as model:
+            decode_batch(model, [p.row for p in batch], pad_id=self._pad_id, stop_ids=self._stop_ids)
+
+    def _run_command(self, command: _Command) -> None:
+        try:
+            command.run()
+        except Exception:
+            log.exception("engine command failed")
+        finally:
+            command.done.set()
+
+    def _unload_now(self, adapter_id: str) -> None:
+        if self._cache is not None:
+            self._cache.unload(adapter_id)
+
+    # --- model ---------------------------------------------------------------------------------
+
+    def _load_base(self) -> None:
+        if self._loaded is not None:
+            return
+        from app.ml.harmony import STOP_TOKEN_IDS
+        from app.ml.modeling import load_base
+        from app.ml.tokenizer import ensure_harmony_assets
+
+        started = time.monotonic()
+        ensure_harmony_assets(self.settings.models_path)  # render_prompt needs its vocab file, offline
+        self._loaded = load_base(
+            self.base_model_id,
+            backend=self.settings.backend,
+            load_in_4bit=self.settings.load_in_4bit,
+            max_seq_length=self.settings.max_seq_length,
+            models_dir=self.settings.models_path,
+            for_training=False,
+        )
+        self._loaded.model.eval()
+        self._cache = AdapterCache(
+            self._loaded.model,
+            capacity=self.settings.adapter_cache_size,
+            pinned=set(self.settings.pinned_adapters),
+            fingerprint=str(self._loaded.fingerprint),
+            base_model=self.base_model_id,
+        )
+        self._stop_ids = frozenset(STOP_TOKEN_IDS)
+        pad = self._loaded.tokenizer.pad_token_id
+        self._pad_id = int(pad) if pad is not None else min(STOP_TOKEN_IDS)  # hidden by the mask anyway
+        log.info(
+            "base model loaded",
+            extra={"model": self.base_model_id, "s": round(time.monotonic() - started, 2)},
+        )
+
+    def _drop_model(self) -> None:
+        self._loaded = None
+        self._cache = None
+        _free_memory()
+
+    def _require_loaded(self) -> None:
+        if self._loaded is None:
+            raise Busy("the model is not loaded yet; retry shortly", retry_after=5)
+
+    # --- giving the GPU back during training ---------------------------------------------------
+
+    def _probe_interval(self) -> float | None:
+        return self.settings.release_poll_s if self._probe_enabled() else None
+
+    def _probe_enabled(self) -> bool:
+        return self.settings.release_gpu_during_training and self._probe is not None
+
+    def _check_training(self) -> None:
+        if not self._probe_enabled() or time.monotonic() < self._next_probe:
+            return
+        assert self._probe is not None
+        self._next_probe = time.monotonic() + self.settings.release_poll_s
+        try:
+            training = self._probe()
+        except Exception:  # a database hiccup must not stop generation; look again next time
+            log.exception("could not read the job table")
+            return
+        if training and not self._released:
+            self._release()
+        elif not training and self._released:
+            self._reacquire()
+
+    def _release(self) -> None:
+        log.info("training job running: releasing the model's memory")
+        with self._cond:
+            self._released = True
+        self._fail_pending(self._busy_training())
+        self._drop_model()
+
+    def _reacquire(self) -> None:
+        log.info("no training job running: loading the model again")
+        try:
+            self._load_base()
+        except Exception:  # e.g. the GPU is still busy; keep refusing and try again next poll
+            log.exception("reloading the model failed")
+            return
+        with self._cond:
+            self._released = False
+            self._cond.notify_all()
+
+    def _busy_training(self) -> Busy:
+        return Busy(
+            "a training job is using the GPU (release_gpu_during_training); generation resumes when it ends",
+            retry_after=int(max(self.settings.release_poll_s, 1) * 5),
+        )
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _refuse_if_unavailable(self) -> None:
+        """Called with the lock held."""
+        if self._closing:
+            raise Busy("the server is shutting down", retry_after=5)
+        if self._released:
+            raise self._busy_training()
+        if len(self._pending) + self._running >= self.settings.max_concurrent_generations:
+            raise Busy(
+                f"{self.settings.max_concurrent_generations} generations are already queued or running "
+                "(max_concurrent_generations); retry shortly",
+                retry_after=1,
+            )
+
+    def _fail_pending(self, error: BaseException) -> None:
+        with self._cond:
+            pending, self._pending = self._pending, []
+        self._fail(pending, error)
+
+    @staticmethod
+    def _fail(batch: list[_Pending], error: BaseException) -> None:
+        for item in batch:
+            item.row.sink.fail(error)
+
+
+def training_probe_from_db(settings: Settings) -> TrainingProbe:
+    """True while any job is running (the worker shares this host's GPU)."""
+    from sqlalchemy import func, select
+
+    from app.db import make_engine
+    from app.models import Job
+
+    db = make_engine(settings)
+
+    def probe() -> bool:
+        with db.connect() as conn:
+            return bool(conn.scalar(select(func.count()).select_from(Job).where(Job.status == "running")))
+
+    return probe
+
+
+def create_engine(settings: Settings) -> InferenceEngine:
+    """The engine for this process; it loads nothing until start() (or the first request)."""
+    probe = training_probe_from_db(settings) if settings.release_gpu_during_training else None
+    return InferenceEngine(settings, training_probe=probe)

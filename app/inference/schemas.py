@@ -1,0 +1,111 @@
+"""Request and response shapes of POST /generate and the OpenAI-compatible routes."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ReasoningEffortField = Literal["low", "medium", "high"]
+MAX_STOP_STRINGS = 4
+
+
+def _check_stop(value: str | list[str] | None) -> list[str]:
+    stops = [value] if isinstance(value, str) else list(value or [])
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings; got {len(stops)}")
+    if any(not s for s in stops):
+        raise ValueError("stop strings must not be empty")
+    return stops
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["user", "assistant", "system", "developer"]
+    content: str = Field(max_length=1_000_000)
+    thinking: str | None = Field(None, description="An assistant turn's reasoning (analysis channel).")
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    adapter: str | None = Field(None, description="Adapter id or name; omitted = the plain base model.")
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=1000)
+    prompt: str | None = Field(None, description="Shorthand for one user message.", max_length=1_000_000)
+    developer: str | None = Field(None, description="Developer instructions (harmony developer message).")
+    reasoning_effort: ReasoningEffortField = "medium"
+    max_new_tokens: int = Field(512, ge=1, description="Capped by the server's max_new_tokens_cap.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy (deterministic).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, description="Makes sampling repeatable.")
+    stop: list[str] | str | None = Field(
+        None, description=f"Up to {MAX_STOP_STRINGS} strings ending the content."
+    )
+    stream: bool = Field(False, description="Server-sent events: text deltas, then a final event.")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: str | list[str] | None) -> list[str]:
+        return _check_stop(value)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("send exactly one of 'messages' or 'prompt'")
+        return self
+
+    def chat(self) -> list[dict[str, Any]]:
+        if self.messages is not None:
+            return [m.model_dump() for m in self.messages]
+        return [{"role": "user", "content": self.prompt}]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    model: str
+    adapter: str | None = Field(description="The adapter's name, or null for the base model.")
+    reasoning: str
+    content: str
+    finish_reason: str = Field(description="stop | length | cancelled")
+    usage: Usage
+    timings: dict[str, float]
+
+
+# --- OpenAI-compatible ---------------------------------------------------------------------------
+
+
+class OpenAIMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_calls, ... are accepted and ignored
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    reasoning_content: str | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # the official client may send fields we do not use
+
+    model: str
+    messages: list[OpenAIMessage] = Field(min_length=1, max_length=1000)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    reasoning_effort: ReasoningEffortField = "medium"
+    n: int = Field(1, ge=1, le=1, description="One choice per request.")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: str | list[str] | None) -> list[str]:
+        return _check_stop(value)

@@ -1,0 +1,293 @@
+"""Base models: the tiny default, path resolution, backend choice, loading and LoRA application.
+
+Two backends behind ``load_base`` / ``apply_lora``:
+
+- ``unsloth``: Unsloth's FastLanguageModel (4-bit, ``use_gradient_checkpointing="unsloth"``), used
+  where CUDA and the ``unsloth`` package are present. Unsloth must be imported before transformers
+  to patch it; ``import_unsloth_first()`` is called by the entry points that may use it.
+- ``hf``: transformers + PEFT; bitsandbytes 4-bit on CUDA when asked and installed, fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from app.config import TINY_MODEL_ID
+from app.ml.tokenizer import HARMONY_DIRNAME, VOCAB_SIZE, atomic_build, ensure_harmony_assets
+
+Backend = Literal["unsloth", "hf"]
+TINY_SEED = 1234
+# Attention projections are nn.Linear; the MoE experts are 3-D parameters PEFT reaches through
+# `target_parameters` (naming them in target_modules fails).
+ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+EXPERT_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+# Unsloth turns these MoE projection names into LoRA on the fused expert parameters itself
+# ("Enabling LoRA on MoE parameters: ['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']").
+UNSLOTH_EXPERT_MODULES = ["gate_proj", "up_proj", "down_proj"]
+_FINGERPRINT_FIELDS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "sliding_window",
+    "layer_types",
+)
+
+
+@dataclass
+class LoadedBase:
+    model: Any
+    tokenizer: Any
+    backend: Backend
+    model_id: str
+    fingerprint: str
+
+
+def tiny_config() -> Any:
+    """2 layers (sliding, full), sinks, 4 experts top-2, hidden 64 and the real 201,088 vocabulary."""
+    from transformers import GptOssConfig
+
+    return GptOssConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=64,
+        head_dim=16,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=32,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        bos_token_id=199998,
+        eos_token_id=200002,
+        pad_token_id=199999,
+    )
+
+
+def full_config() -> Any:
+    """The exact gpt-oss-20b architecture (20.9 B parameters), for GPU benchmarks with random weights."""
+    from transformers import GptOssConfig
+
+    return GptOssConfig(
+        num_hidden_layers=24,
+        num_local_experts=32,
+        num_experts_per_tok=4,
+        vocab_size=VOCAB_SIZE,
+        hidden_size=2880,
+        intermediate_size=2880,
+        head_dim=64,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        sliding_window=128,
+        layer_types=["sliding_attention", "full_attention"] * 12,
+        max_position_embeddings=131072,
+        tie_word_embeddings=False,
+        bos_token_id=199998,
+        eos_token_id=200002,
+        pad_token_id=199999,
+    )
+
+
+def _copy_tokenizer(models_dir: Path, folder: Path) -> None:
+    src = ensure_harmony_assets(models_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy2(src / name, folder / name)
+
+
+def save_random_model(config: Any, folder: Path, models_dir: Path, *, seed: int, dtype: Any, device: str) -> None:
+    """Build a randomly initialised GptOssForCausalLM (deterministic for a seed) and save it with the
+    offline tokenizer and a generation config that stops on harmony's stop tokens."""
+    import torch
+    from transformers import GenerationConfig, GptOssForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = GptOssForCausalLM(config).to(dtype)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[200002, 200012], pad_token_id=199999, bos_token_id=199998
+    )
+    model.save_pretrained(folder)
+    _copy_tokenizer(models_dir, folder)
+
+
+def ensure_tiny_model(models_dir: Path) -> Path:
+    """The tiny default model in ``<models_dir>/tiny-gpt-oss`` (built once, atomically)."""
+    import torch
+
+    folder = Path(models_dir) / TINY_MODEL_ID
+    if (folder / "config.json").is_file():
+        return folder
+    ensure_harmony_assets(models_dir)
+    return atomic_build(
+        folder,
+        lambda tmp: save_random_model(
+            tiny_config(), tmp, models_dir, seed=TINY_SEED, dtype=torch.float32, device="cpu"
+        ),
+    )
+
+
+def resolve_model_path(model_id: str, models_dir: Path) -> str:
+    """``tiny-gpt-oss`` -> its generated folder (built on first use); anything else unchanged."""
+    if model_id == TINY_MODEL_ID:
+        return str(ensure_tiny_model(models_dir))
+    return model_id
+
+
+def config_fingerprint(config: Any) -> str:
+    """sha256 over the architecture fields; an adapter only fits a base with the same fingerprint."""
+    data = config if isinstance(config, dict) else config.to_dict()
+    picked = {k: data.get(k) for k in _FINGERPRINT_FIELDS}
+    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def unsloth_installed() -> bool:
+    return importlib.util.find_spec("unsloth") is not None
+
+
+def pick_backend(requested: str) -> Backend:
+    """'auto' -> unsloth where CUDA and Unsloth are present, else hf. Asking for unsloth where it
+    cannot run is an error, not a silent fallback."""
+    if requested == "hf":
+        return "hf"
+    usable = cuda_available() and unsloth_installed()
+    if requested == "unsloth":
+        if not usable:
+            raise RuntimeError("backend 'unsloth' needs a CUDA GPU and the unsloth package; use backend 'hf'")
+        return "unsloth"
+    if requested != "auto":
+        raise ValueError(f"backend must be one of auto, unsloth, hf; got {requested!r}")
+    return "unsloth" if usable else "hf"
+
+
+def import_unsloth_first() -> None:
+    """Import unsloth before transformers where it will be used, so its patches apply."""
+    if cuda_available() and unsloth_installed():
+        import unsloth  # noqa: F401
+
+
+def _load_unsloth(path: str, *, load_in_4bit: bool, max_seq_length: int) -> tuple[Any, Any]:
+    from unsloth import FastLanguageModel
+
+    # dtype=None lets Unsloth pick bf16/fp16 for the GPU.
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=path, max_seq_length=max_seq_length, load_in_4bit=load_in_4bit, dtype=None
+    )
+    return model, tokenizer
+
+
+def _hf_load_kwargs(path: str, *, load_in_4bit: bool) -> dict[str, Any]:
+    import torch
+
+    if not cuda_available():
+        return {"dtype": torch.float32, "attn_implementation": "eager"}
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16, "device_map": "auto", "attn_implementation": "eager"}
+    if load_in_4bit and importlib.util.find_spec("bitsandbytes") is not None:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        )
+    return kwargs
+
+
+def _load_hf(path: str, *, load_in_4bit: bool) -> Any:
+    from transformers import AutoConfig, AutoModelForCausalLM, Mxfp4Config
+
+    kwargs = _hf_load_kwargs(path, load_in_4bit=load_in_4bit)
+    quant = getattr(AutoConfig.from_pretrained(path), "quantization_config", None)
+    if isinstance(quant, dict) and quant.get("quant_method") == "mxfp4":
+        # openai/gpt-oss-* ship MXFP4 experts; LoRA training needs them dequantized to bf16.
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def load_base(
+    model_id: str,
+    *,
+    backend: str = "auto",
+    load_in_4bit: bool = True,
+    max_seq_length: int = 2048,
+    models_dir: Path,
+    for_training: bool,
+) -> LoadedBase:
+    """Load a base model and its tokenizer on the chosen backend."""
+    from app.ml.tokenizer import load_tokenizer
+
+    chosen = pick_backend(backend)
+    path = resolve_model_path(model_id, models_dir)
+    if chosen == "unsloth":
+        model, _ = _load_unsloth(path, load_in_4bit=load_in_4bit, max_seq_length=max_seq_length)
+    else:
+        model = _load_hf(path, load_in_4bit=load_in_4bit)
+    if not for_training:
+        model.eval()
+    tokenizer = load_tokenizer(model_id, models_dir)
+    return LoadedBase(model, tokenizer, chosen, model_id, config_fingerprint(model.config))
+
+
+def apply_lora(
+    loaded: LoadedBase,
+    *,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules: list[str],
+    target_parameters: list[str],
+    seed: int,
+    gradient_checkpointing: bool,
+) -> Any:
+    """Wrap the base in a trainable LoRA PeftModel on its backend."""
+    if loaded.backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        modules = list(target_modules) + (UNSLOTH_EXPERT_MODULES if target_parameters else [])
+        return FastLanguageModel.get_peft_model(
+            loaded.model,
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=modules,
+            bias="none",
+            use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
+            random_state=seed,
+        )
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules) or None,
+        target_parameters=list(target_parameters) or None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    if gradient_checkpointing and cuda_available():
+        loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        loaded.model.enable_input_require_grads()
+    return get_peft_model(loaded.model, config)
+
+
+def tokenizer_folder(models_dir: Path) -> Path:
+    return Path(models_dir) / HARMONY_DIRNAME

@@ -1,0 +1,430 @@
+"""LoRA SFT on gpt-oss with TRL's SFTTrainer, on either backend (Unsloth or transformers+PEFT).
+
+Data is rendered with harmony before it reaches TRL (``input_ids`` + ``completion_mask`` columns,
+``completion_only_loss=True``), so the formatting is exactly gpt-oss's and the loss falls on the
+assistant's tokens only. Whether the reasoning (analysis channel) is trained is
+``train_on_reasoning`` (default on: the Multilingual-Thinking recipe teaches the reasoning too).
+
+Checkpoints go to ``work_dir/checkpoints`` every ``save_steps``; ``train`` resumes from the newest
+one. The adapter is written to a temp folder beside ``output_dir`` and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.config import GPU_DEFAULT_MODEL_ID, TINY_MODEL_ID
+from app.ml.data import Example, dataset_fingerprint, encode_examples, load_rows, validate_rows
+from app.ml.tokenizer import ensure_harmony_assets
+from app.ml.modeling import ATTENTION_TARGETS, EXPERT_TARGETS, apply_lora, cuda_available, load_base
+
+MANIFEST = "manifest.json"
+
+
+class TrainConfig(BaseModel):
+    """Every training option, with its help text. Stored as JSON on the job row."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field("auto", description=f"'auto' = {GPU_DEFAULT_MODEL_ID} on CUDA else '{TINY_MODEL_ID}'")
+    backend: Literal["auto", "unsloth", "hf"] = Field("auto", description="unsloth on CUDA+Unsloth, else hf")
+    load_in_4bit: bool = Field(True, description="4-bit base weights on CUDA (ignored on CPU)")
+    dataset: str = Field("sample:capitals", description="sample:<name>, a JSONL path, or hf:<dataset id>")
+    eval_dataset: str | None = Field(None, description="held-out data, same forms as dataset")
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of dataset held out when no eval_dataset")
+    max_rows: int = Field(100_000, ge=1, description="most rows a dataset may have")
+    max_bytes: int = Field(100 * 1024 * 1024, ge=1, description="largest dataset file, bytes")
+    max_seq_length: int = Field(1024, ge=16, le=131072, description="longest tokenised row; longer rows are errors")
+    train_on_reasoning: bool = Field(True, description="also put loss on the analysis (reasoning) channel")
+    reasoning_effort: Literal["low", "medium", "high"] = Field(
+        "medium", description="'Reasoning:' level rendered for rows that do not set their own"
+    )
+    lora_r: int = Field(8, ge=1, le=1024, description="LoRA rank")
+    lora_alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(ATTENTION_TARGETS), description="nn.Linear modules that get LoRA"
+    )
+    target_parameters: list[str] = Field(
+        default_factory=lambda: list(EXPERT_TARGETS), description="3-D MoE expert parameters that get LoRA"
+    )
+    packing: bool = Field(False, description="pack rows into max_seq_length sequences (TRL bfd)")
+    max_steps: int = Field(30, ge=0, description="optimizer steps; 0 = use num_train_epochs")
+    num_train_epochs: float = Field(1.0, gt=0, description="epochs when max_steps is 0")
+    per_device_train_batch_size: int = Field(1, ge=1, description="rows per micro-batch")
+    gradient_accumulation_steps: int = Field(4, ge=1, description="micro-batches per optimizer step")
+    learning_rate: float = Field(2e-4, gt=0, description="peak learning rate")
+    lr_scheduler_type: str = Field("linear", description="transformers scheduler name (linear, cosine, constant...)")
+    warmup_steps: int = Field(5, ge=0, description="linear warm-up steps")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
+    optim: str = Field("auto", description="'auto' = adamw_8bit on CUDA with bitsandbytes, else adamw_torch")
+    gradient_checkpointing: bool = Field(True, description="trade compute for memory (CUDA only)")
+    seed: int = Field(3407, description="seed for LoRA init, data order and dropout")
+    save_steps: int = Field(10, ge=1, description="checkpoint every N steps")
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept")
+    eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps (default: save_steps)")
+    logging_steps: int = Field(1, ge=1, description="report metrics every N steps")
+
+    @field_validator("target_modules", "target_parameters")
+    @classmethod
+    def _no_blank_targets(cls, value: list[str]) -> list[str]:
+        if any(not t.strip() for t in value):
+            raise ValueError("targets must be non-empty names")
+        return value
+
+    def resolved_base_model(self) -> str:
+        if self.base_model != "auto":
+            return self.base_model
+        return GPU_DEFAULT_MODEL_ID if cuda_available() else TINY_MODEL_ID
+
+
+class TrainHooks(Protocol):
+    """What the worker (or the CLI) sees of a run. ``on_start`` is optional."""
+
+    def on_step(self, metrics: dict[str, Any]) -> None: ...
+    def on_log(self, line: str) -> None: ...
+    def on_checkpoint(self, step: int, path: Path) -> None: ...
+    def should_stop(self) -> bool: ...
+
+
+class NullHooks:
+    def on_start(self, total_steps: int) -> None:
+        pass
+
+    def on_step(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def on_log(self, line: str) -> None:
+        pass
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path | None  # None when stopped early (cancel / shutdown): resume later from the checkpoint
+    stopped: bool
+    global_step: int
+    total_steps: int
+    backend: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedData:
+    train: list[dict[str, list[int]]]
+    eval: list[dict[str, list[int]]] | None
+    fingerprint: str
+    n_train_rows: int
+
+
+def _split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    import random
+
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(len(examples) * fraction)) if fraction > 0 else 0
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+def prepare_data(cfg: TrainConfig, data_dir: Path) -> PreparedData:
+    """Load, validate and tokenise the data before any model is loaded, so bad data fails fast."""
+    examples = validate_rows(
+        load_rows(cfg.dataset, data_dir=data_dir, max_rows=cfg.max_rows, max_bytes=cfg.max_bytes),
+        max_rows=cfg.max_rows,
+    )
+    fingerprint = dataset_fingerprint(examples)
+    if cfg.eval_dataset:
+        rows = load_rows(cfg.eval_dataset, data_dir=data_dir, max_rows=cfg.max_rows, max_bytes=cfg.max_bytes)
+        train_ex, eval_ex = examples, validate_rows(rows, max_rows=cfg.max_rows)
+    else:
+        train_ex, eval_ex = _split(examples, cfg.eval_fraction, cfg.seed)
+    enc = {
+        "max_seq_length": cfg.max_seq_length,
+        "default_effort": cfg.reasoning_effort,
+        "train_on_reasoning": cfg.train_on_reasoning,
+    }
+    train = encode_examples(train_ex, **enc)  # type: ignore[arg-type]
+    evaluation = encode_examples(eval_ex, **enc) if eval_ex else None  # type: ignore[arg-type]
+    return PreparedData(train, evaluation, fingerprint, len(train_ex))
+
+
+# --- trainer ---------------------------------------------------------------------------------------
+
+
+def _trainer_class() -> type:
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class ProjectSFTTrainer(SFTTrainer):
+        """TRL 1.15's fused LM-head loss always calls a Triton kernel, which cannot run on CPU; off
+        CUDA, the loss comes from transformers.Trainer's plain compute_loss (same labels, same mean
+        over the unmasked tokens). Also counts the tokens trained on, for tokens/s."""
+
+        tokens_seen: int = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
+            if model.training and "attention_mask" in inputs:
+                self.tokens_seen += int(inputs["attention_mask"].sum().item())
+            if cuda_available():
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return ProjectSFTTrainer
+
+
+def _callback(hooks: Any, get_tokens: Callable[[], int]) -> Any:
+    from transformers import TrainerCallback
+
+    class HooksCallback(TrainerCallback):
+        """Forwards metrics, checkpoints and cancellation between the HF loop and ``hooks``."""
+
+        def __init__(self) -> None:
+            self.last_time = time.monotonic()
+            self.last_tokens = 0
+            self.stopped = False
+
+        def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            self.last_time, self.last_tokens = time.monotonic(), get_tokens()
+            if hasattr(hooks, "on_start"):
+                hooks.on_start(state.max_steps)
+            hooks.on_log(f"training for {state.max_steps} steps (starting at step {state.global_step})")
+
+        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if hooks.should_stop():
+                # Save before stopping so a cancelled / interrupted job resumes from here.
+                self.stopped = True
+                control.should_save = True
+                control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+            logs = logs or {}
+            if not any(k in logs for k in ("loss", "eval_loss")):
+                return
+            now, tokens = time.monotonic(), get_tokens()
+            metrics = _metrics(state, logs, (tokens - self.last_tokens) / max(now - self.last_time, 1e-9))
+            if "loss" in logs:
+                self.last_time, self.last_tokens = now, tokens
+            hooks.on_step(metrics)
+
+        def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            hooks.on_checkpoint(state.global_step, path)
+            hooks.on_log(f"checkpoint saved at step {state.global_step}")
+
+    return HooksCallback()
+
+
+def _metrics(state: Any, logs: dict[str, Any], tokens_per_s: float) -> dict[str, Any]:
+    is_train = "loss" in logs
+    return {
+        "step": int(state.global_step),
+        "total_steps": int(state.max_steps),
+        "epoch": float(logs.get("epoch", state.epoch or 0.0)),
+        "loss": float(logs["loss"]) if is_train else None,
+        "learning_rate": float(logs["learning_rate"]) if "learning_rate" in logs else None,
+        "grad_norm": float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None,
+        "tokens_per_s": round(tokens_per_s, 2) if is_train else None,
+        "eval_loss": float(logs["eval_loss"]) if "eval_loss" in logs else None,
+    }
+
+
+def _optim(cfg: TrainConfig) -> str:
+    if cfg.optim != "auto":
+        return cfg.optim
+    import importlib.util
+
+    return "adamw_8bit" if cuda_available() and importlib.util.find_spec("bitsandbytes") else "adamw_torch"
+
+
+def _sft_config(cfg: TrainConfig, checkpoints: Path, has_eval: bool) -> Any:
+    from trl import SFTConfig
+
+    eval_steps = cfg.eval_steps or cfg.save_steps
+    return SFTConfig(
+        output_dir=str(checkpoints),
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
+        num_train_epochs=cfg.num_train_epochs,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=_optim(cfg),
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_steps if has_eval else None,
+        logging_steps=cfg.logging_steps,
+        max_length=cfg.max_seq_length,
+        packing=cfg.packing,
+        completion_only_loss=True,
+        bf16=cuda_available(),
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        use_cpu=not cuda_available(),
+        gradient_checkpointing=False,  # applied by apply_lora per backend
+    )
+
+
+def latest_checkpoint(work_dir: Path) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = Path(work_dir) / "checkpoints"
+    if not folder.is_dir():
+        return None
+    last = get_last_checkpoint(str(folder))
+    return Path(last) if last else None
+
+
+# --- output ----------------------------------------------------------------------------------------
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "peft": peft.__version__,
+    }
+
+
+def _manifest(cfg: TrainConfig, loaded: Any, data: PreparedData, result_metrics: dict[str, Any]) -> dict:
+    return {
+        "format": "gptoss-tuner-adapter/1",
+        "base_model": loaded.model_id,
+        "base_fingerprint": loaded.fingerprint,
+        "backend": loaded.backend,
+        "target_modules": cfg.target_modules,
+        "target_parameters": cfg.target_parameters,
+        "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout},
+        "hyperparameters": cfg.model_dump(),
+        "dataset": {"source": cfg.dataset, "fingerprint": data.fingerprint, "rows": data.n_train_rows},
+        "metrics": result_metrics,
+        "versions": _versions(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def write_adapter(model: Any, tokenizer: Any, manifest: dict, output_dir: Path) -> Path:
+    """Save into a temp folder beside ``output_dir``, then rename: readers never see half an adapter.
+    An existing ``output_dir`` (re-running the CLI) is replaced."""
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        if output_dir.exists():
+            old = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(output_dir, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output_dir
+
+
+def _final_metrics(trainer: Any) -> dict[str, Any]:
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    return {
+        "global_step": trainer.state.global_step,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "eval_loss": evals[-1] if evals else None,
+        "tokens": getattr(trainer, "tokens_seen", 0),
+    }
+
+
+def train(
+    cfg: TrainConfig, *, work_dir: Path, output_dir: Path, hooks: Any = None, models_dir: Path
+) -> TrainResult:
+    """Run one training job; resumes from the newest checkpoint in ``work_dir/checkpoints``."""
+    from datasets import Dataset
+
+    hooks = hooks or NullHooks()
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    ensure_harmony_assets(models_dir)
+    data = prepare_data(cfg, work_dir)
+    hooks.on_log(f"dataset {cfg.dataset}: {len(data.train)} train rows, {len(data.eval or [])} eval rows")
+    loaded = load_base(
+        cfg.resolved_base_model(),
+        backend=cfg.backend,
+        load_in_4bit=cfg.load_in_4bit,
+        max_seq_length=cfg.max_seq_length,
+        models_dir=models_dir,
+        for_training=True,
+    )
+    hooks.on_log(f"base {loaded.model_id} loaded with backend {loaded.backend}")
+    model = apply_lora(
+        loaded,
+        r=cfg.lora_r,
+        alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        target_parameters=cfg.target_parameters,
+        seed=cfg.seed,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+    )
+    trainer_cls = _trainer_class()
+    trainer = trainer_cls(
+        model=model,
+        args=_sft_config(cfg, work_dir / "checkpoints", data.eval is not None),
+        train_dataset=Dataset.from_list(data.train),
+        eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
+        processing_class=loaded.tokenizer,
+    )
+    callback = _callback(hooks, lambda: trainer.tokens_seen)
+    trainer.add_callback(callback)
+    resume = latest_checkpoint(work_dir)
+    if resume:
+        hooks.on_log(f"resuming from {resume.name}")
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    metrics = _final_metrics(trainer)
+    result = TrainResult(None, callback.stopped, trainer.state.global_step, trainer.state.max_steps, loaded.backend)
+    result.metrics = metrics
+    if callback.stopped:
+        hooks.on_log(f"stopped at step {result.global_step}; checkpoint kept for resume")
+        return result
+    result.manifest = _manifest(cfg, loaded, data, metrics)
+    result.adapter_dir = write_adapter(model, loaded.tokenizer, result.manifest, output_dir)
+    hooks.on_log(f"adapter written to {result.adapter_dir}")
+    return result

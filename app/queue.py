@@ -1,0 +1,452 @@
+"""Every job state change, each one guarded SQL.
+
+A transition is `UPDATE jobs ... WHERE id=:id AND status IN (...)` (plus the owning worker where one
+owns the job); zero rows updated raises TransitionError, so two parties can never both move a job.
+The claim is a single UPDATE over a sub-select, run inside BEGIN IMMEDIATE on SQLite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, and_, delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db import immediate_session, utcnow
+from app.exceptions import Conflict, DatasetInvalid, InvalidInput, NotFound, TransitionError
+from app.models import FileRecord, Job, JobEvent
+
+FINAL_STATUSES = ("succeeded", "failed", "cancelled")
+
+
+# --- creation ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class NewJob:
+    base_model: str
+    dataset: str
+    file_id: str | None
+    config: dict[str, Any]
+    name: str | None = None
+    priority: int = 0
+    metadata: dict[str, Any] | None = None
+    max_attempts: int = 3
+    api_key_id: str | None = None
+
+
+def request_hash(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def create_job(session: Session, new: NewJob, *, idempotency_key: str | None = None) -> tuple[Job, bool]:
+    """Insert a queued job; returns (job, created). A repeated Idempotency-Key returns the first job."""
+    digest = request_hash(
+        {
+            "base_model": new.base_model,
+            "dataset": new.dataset,
+            "config": new.config,
+            "name": new.name,
+            "priority": new.priority,
+            "metadata": new.metadata,
+        }
+    )
+    if idempotency_key and (found := _by_idempotency_key(session, idempotency_key, digest)):
+        return found, False
+    job = Job(
+        base_model=new.base_model,
+        dataset=new.dataset,
+        file_id=new.file_id,
+        config=new.config,
+        name=new.name,
+        priority=new.priority,
+        meta=new.metadata or {},
+        max_attempts=new.max_attempts,
+        idempotency_key=idempotency_key,
+        request_hash=digest,
+        api_key_id=new.api_key_id,
+    )
+    session.add(job)
+    try:
+        session.flush()
+    except IntegrityError:  # a concurrent request with the same key won the insert
+        session.rollback()
+        if idempotency_key and (found := _by_idempotency_key(session, idempotency_key, digest)):
+            return found, False
+        raise
+    add_event(session, job.id, "status", message="queued")
+    session.commit()
+    return job, True
+
+
+def _by_idempotency_key(session: Session, key: str, digest: str) -> Job | None:
+    job = session.scalar(select(Job).where(Job.idempotency_key == key))
+    if job is not None and job.request_hash != digest:
+        raise Conflict(
+            "Idempotency-Key was already used for a different request; use a new key for a new job",
+            field="Idempotency-Key",
+        )
+    return job
+
+
+# --- reads ------------------------------------------------------------------------------------------
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None:
+        raise NotFound(f"job {job_id!r} does not exist", field="job_id")
+    return job
+
+
+def queue_position(session: Session, job: Job) -> int | None:
+    """1-based place in the claim order (priority first, then age); None unless queued."""
+    if job.status != "queued":
+        return None
+    ahead = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(
+            Job.status == "queued",
+            or_(Job.priority > job.priority, and_(Job.priority == job.priority, Job.id < job.id)),
+        )
+    )
+    return int(ahead or 0) + 1
+
+
+def list_jobs(
+    session: Session, *, status: str | None, after: str | None, limit: int
+) -> tuple[list[Job], bool]:
+    """Newest first; `after` is the last id of the previous page."""
+    query = select(Job).order_by(Job.id.desc()).limit(limit + 1)
+    if status:
+        query = query.where(Job.status == status)
+    if after:
+        query = query.where(Job.id < after)
+    rows = list(session.scalars(query))
+    return rows[:limit], len(rows) > limit
+
+
+def list_events(
+    session: Session, job_id: str, *, after: int, limit: int, kind: str | None
+) -> tuple[list[JobEvent], bool]:
+    query = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
+    if kind:
+        query = query.where(JobEvent.kind == kind)
+    rows = list(session.scalars(query.order_by(JobEvent.id).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def jobs_using_file(session: Session, file_id: str) -> Sequence[str]:
+    query = select(Job.id).where(Job.file_id == file_id, Job.status.in_(("queued", "running")))
+    return list(session.scalars(query))
+
+
+# --- the guarded transition ---------------------------------------------------------------------------
+
+
+def _transition(
+    session: Session, job_id: str, allowed: Iterable[str], *, owner: str | None = None, **values: Any
+) -> None:
+    allowed = tuple(allowed)
+    guard = [Job.id == job_id, Job.status.in_(allowed)]
+    if owner is not None:
+        guard.append(Job.worker_id == owner)
+    result = session.execute(
+        update(Job).where(*guard).values(updated_at=utcnow(), **values),
+        execution_options={"synchronize_session": False},
+    )
+    if result.rowcount == 0:  # type: ignore[attr-defined]
+        by = f" owned by {owner}" if owner else ""
+        raise TransitionError(f"job {job_id} is not {'/'.join(allowed)}{by}; cannot set {sorted(values)}")
+
+
+def add_event(
+    session: Session,
+    job_id: str,
+    kind: str,
+    *,
+    message: str | None = None,
+    step: int | None = None,
+    data: dict[str, Any] | None = None,
+    attempt: int = 0,
+) -> None:
+    session.add(JobEvent(job_id=job_id, kind=kind, message=message, step=step, data=data, attempt=attempt))
+
+
+# --- worker side --------------------------------------------------------------------------------------
+
+
+def claim_next(engine: Engine, worker_id: str, lease_s: float) -> Job | None:
+    """Take the next queued job for `worker_id`, or None. One statement: nobody else can take it too."""
+    now = utcnow()
+    with immediate_session(engine) as session:
+        next_id = (
+            select(Job.id)
+            .where(Job.status == "queued")
+            .order_by(Job.priority.desc(), Job.id)
+            .limit(1)
+            .scalar_subquery()
+        )
+        claimed = session.execute(
+            update(Job)
+            # The status guard again: off SQLite, a concurrent claim can win the row after our sub-select.
+            .where(Job.id == next_id, Job.status == "queued")
+            .values(
+                status="running",
+                worker_id=worker_id,
+                attempts=Job.attempts + 1,
+                heartbeat_at=now,
+                lease_until=now + timedelta(seconds=lease_s),
+                started_at=func.coalesce(Job.started_at, now),
+                updated_at=now,
+            )
+            .returning(Job.id, Job.attempts),
+            execution_options={"synchronize_session": False},
+        ).first()
+        if claimed is None:
+            return None
+        add_event(
+            session,
+            claimed.id,
+            "status",
+            message=f"running on {worker_id} (attempt {claimed.attempts})",
+            attempt=claimed.attempts,
+        )
+    with Session(engine, expire_on_commit=False) as session:
+        return session.get(Job, claimed.id)
+
+
+def heartbeat(session: Session, job_id: str, worker_id: str, lease_s: float) -> bool:
+    """Extend the lease; returns whether a cancel was asked. TransitionError: the job isn't ours now."""
+    now = utcnow()
+    _transition(
+        session,
+        job_id,
+        ["running"],
+        owner=worker_id,
+        heartbeat_at=now,
+        lease_until=now + timedelta(seconds=lease_s),
+    )
+    session.commit()
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def cancel_requested(session: Session, job_id: str) -> bool:
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def requeue_expired(session: Session) -> list[tuple[str, str]]:
+    """Jobs whose worker stopped heartbeating: back to the queue, or failed after max_attempts.
+
+    Returns (job id, new status) pairs. Each change is guarded on the expired lease, so a worker that
+    heartbeats in the meantime keeps its job.
+    """
+    now = utcnow()
+    stale = session.execute(
+        select(Job.id, Job.attempts, Job.max_attempts, Job.cancel_requested, Job.worker_id).where(
+            Job.status == "running", Job.lease_until < now
+        )
+    ).all()
+    changed = []
+    for job_id, attempts, max_attempts, cancel, worker in stale:
+        values, status, reason = _expired_outcome(attempts, max_attempts, cancel, worker)
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == "running", Job.lease_until < now)
+            .values(status=status, worker_id=None, lease_until=None, updated_at=now, **values),
+            execution_options={"synchronize_session": False},
+        )
+        if result.rowcount:  # type: ignore[attr-defined]
+            add_event(session, job_id, "status", message=f"{status}: {reason}", attempt=attempts)
+            changed.append((job_id, status))
+    session.commit()
+    return changed
+
+
+def _expired_outcome(
+    attempts: int, max_attempts: int, cancel: bool, worker: str | None
+) -> tuple[dict[str, Any], str, str]:
+    reason = f"worker {worker} stopped heartbeating during attempt {attempts} of {max_attempts}"
+    if cancel:
+        return {"finished_at": utcnow()}, "cancelled", reason
+    if attempts >= max_attempts:
+        values = {
+            "finished_at": utcnow(),
+            "error_code": "worker_lost",
+            "error_message": f"{reason}; no attempts left",
+        }
+        return values, "failed", reason
+    return {}, "queued", f"{reason}; will resume from the last checkpoint"
+
+
+def finish_succeeded(session: Session, job_id: str, worker_id: str, *, adapter_id: str, backend: str) -> None:
+    _transition(
+        session,
+        job_id,
+        ["running"],
+        owner=worker_id,
+        status="succeeded",
+        adapter_id=adapter_id,
+        backend=backend,
+        finished_at=utcnow(),
+        lease_until=None,
+    )
+    add_event(session, job_id, "status", message=f"succeeded: adapter {adapter_id}")
+    session.commit()
+
+
+def finish_failed(session: Session, job_id: str, worker_id: str, *, code: str, message: str) -> None:
+    _transition(
+        session,
+        job_id,
+        ["running"],
+        owner=worker_id,
+        status="failed",
+        error_code=code,
+        error_message=message,
+        finished_at=utcnow(),
+        lease_until=None,
+    )
+    add_event(session, job_id, "status", message=f"failed: {code}: {message}")
+    session.commit()
+
+
+def finish_cancelled(session: Session, job_id: str, worker_id: str) -> None:
+    _transition(
+        session,
+        job_id,
+        ["running"],
+        owner=worker_id,
+        status="cancelled",
+        finished_at=utcnow(),
+        lease_until=None,
+    )
+    add_event(session, job_id, "status", message="cancelled; checkpoints kept")
+    session.commit()
+
+
+def release(session: Session, job_id: str, worker_id: str, reason: str) -> None:
+    """Hand a running job back to the queue (worker shutting down). Not counted as a failed attempt."""
+    _transition(
+        session,
+        job_id,
+        ["running"],
+        owner=worker_id,
+        status="queued",
+        worker_id=None,
+        lease_until=None,
+        attempts=Job.attempts - 1,
+    )
+    add_event(session, job_id, "status", message=f"queued again: {reason}")
+    session.commit()
+
+
+def record_backend(session: Session, job_id: str, backend: str) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(backend=backend))
+    session.commit()
+
+
+# --- API side -----------------------------------------------------------------------------------------
+
+
+def request_cancel(session: Session, job_id: str) -> Job:
+    """Queued: cancelled at once. Running: flagged; its worker stops it in seconds, keeping checkpoints."""
+    job = get_job(session, job_id)
+    try:
+        if job.status == "queued":
+            _transition(session, job_id, ["queued"], status="cancelled", finished_at=utcnow())
+            add_event(session, job_id, "status", message="cancelled while queued")
+        else:
+            _transition(session, job_id, ["running"], cancel_requested=True)
+            add_event(session, job_id, "status", message="cancel requested")
+    except TransitionError:
+        session.rollback()
+        job = get_job(session, job_id)  # it moved meanwhile (claimed or finished): say where it is now
+        if job.status in FINAL_STATUSES:
+            raise Conflict(f"job {job_id} already {job.status}; nothing to cancel", field="job_id") from None
+        return request_cancel(session, job_id)
+    session.commit()
+    return get_job(session, job_id)
+
+
+# --- progress (written by the child process) -----------------------------------------------------------
+
+_PROGRESS_KEYS = {"step", "total_steps", "epoch", "eval_loss", "tokens_per_s", "eta_s"}
+
+
+def record_step(session: Session, job_id: str, worker_id: str, attempt: int, metrics: dict[str, Any]) -> bool:
+    """Store one step's metrics as an event and on the job row; returns False once the job isn't ours.
+
+    Training records are kind "metrics", evaluation records (no train loss) kind "eval". A resumed
+    attempt repeats the steps after its checkpoint; the earlier attempt's records of those steps are
+    replaced, so the events hold each step exactly once.
+    """
+    step = int(metrics["step"])
+    kind = "eval" if metrics.get("loss") is None and metrics.get("eval_loss") is not None else "metrics"
+    values = {k: metrics[k] for k in _PROGRESS_KEYS if metrics.get(k) is not None}
+    if kind == "metrics" and metrics.get("loss") is not None:
+        values["train_loss"] = metrics["loss"]
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running", Job.worker_id == worker_id)
+        .values(updated_at=utcnow(), **values),
+        execution_options={"synchronize_session": False},
+    )
+    if result.rowcount == 0:  # type: ignore[attr-defined]
+        session.rollback()
+        return False
+    session.execute(
+        delete(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == kind, JobEvent.step >= step)
+    )
+    add_event(session, job_id, kind, step=step, data=metrics, attempt=attempt)
+    session.commit()
+    return True
+
+
+def record_total_steps(session: Session, job_id: str, total_steps: int) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(total_steps=total_steps))
+    session.commit()
+
+
+# --- datasets (checked by the API before queueing, resolved again by the child) ---------------------------
+
+
+def resolve_dataset(session: Session, dataset: str) -> tuple[str, str | None]:
+    """The source string app.ml.data.load_rows reads, and the file id when it is an upload."""
+    if dataset.startswith("file_"):
+        record = session.get(FileRecord, dataset)
+        if record is None:
+            raise NotFound(f"file {dataset!r} does not exist; upload it with POST /files", field="dataset")
+        return record.path, record.id
+    if dataset.startswith(("sample:", "hf:")):
+        return dataset, None
+    raise InvalidInput("dataset", "must be an uploaded file id (file_...), sample:<name> or hf:<dataset id>")
+
+
+def validate_dataset_file(path: Path, settings: Settings) -> int:
+    """Read and validate a whole dataset; DatasetInvalid names the first bad row. Returns the row count."""
+    return len(load_dataset(str(path), settings))
+
+
+def load_dataset(source: str, settings: Settings) -> list[Any]:
+    from app.ml.data import DatasetError, load_rows, validate_rows
+
+    try:
+        rows = load_rows(
+            source,
+            data_dir=settings.data_dir,
+            max_rows=settings.max_dataset_rows,
+            max_bytes=settings.max_upload_bytes,
+        )
+        return list(validate_rows(rows, max_rows=settings.max_dataset_rows))
+    except DatasetError as err:
+        raise DatasetInvalid("dataset", str(err), row=err.row) from None

@@ -1,0 +1,84 @@
+"""The adapter registry: rows in `adapters`, each pointing at a finished folder under data_dir/adapters.
+
+Files first, then the row: an adapter row only ever points at a complete folder (the trainer renames
+the folder into place atomically), so the inference side never loads a half-written adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.exceptions import Conflict, NotFound
+from app.models import Adapter
+
+MANIFEST = "manifest.json"
+
+
+def find_adapter(session: Session, ref: str) -> Adapter:
+    """By id (adp_...) or by name; NotFound otherwise."""
+    adapter = session.scalar(select(Adapter).where(or_(Adapter.id == ref, Adapter.name == ref)))
+    if adapter is None:
+        raise NotFound(f"adapter {ref!r} does not exist; GET /adapters lists them", field="adapter")
+    return adapter
+
+
+def list_adapters(session: Session, *, after: str | None = None, limit: int = 100) -> list[Adapter]:
+    """Newest first; `after` is the last id of the previous page."""
+    query = select(Adapter).order_by(Adapter.id.desc()).limit(limit)
+    if after:
+        query = query.where(Adapter.id < after)
+    return list(session.scalars(query))
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the adapter folder is incomplete")
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def register_adapter(
+    session: Session, *, adapter_id: str, name: str, folder: Path, job_id: str | None
+) -> Adapter:
+    """Add the row for a complete adapter folder (idempotent: a retried registration returns the row)."""
+    existing = session.get(Adapter, adapter_id)
+    if existing is not None:
+        return existing
+    manifest = read_manifest(folder)
+    adapter = Adapter(
+        id=adapter_id,
+        name=name,
+        base_model=str(manifest.get("base_model", "")),
+        base_fingerprint=manifest.get("base_fingerprint"),
+        backend=manifest.get("backend"),
+        path=str(folder.resolve()),
+        job_id=job_id,
+        manifest=manifest,
+    )
+    session.add(adapter)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise Conflict(
+            f"an adapter named {name!r} already exists; pick another suffix", field="suffix"
+        ) from None
+    return adapter
+
+
+def delete_adapter_files(path: str) -> None:
+    """Rename first, then delete: a reader sees the whole folder or none of it."""
+    folder = Path(path)
+    if not folder.exists():
+        return
+    trash = folder.with_name(f".deleting-{folder.name}")
+    folder.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)

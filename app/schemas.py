@@ -1,0 +1,183 @@
+"""Request and response shapes of the service routes (files, jobs, adapters). Examples feed /docs."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+T = TypeVar("T")
+
+MAX_METADATA_KEYS = 16
+MAX_METADATA_VALUE = 512
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a list. Pass `next_cursor` back as `after` for the next page."""
+
+    object: Literal["list"] = "list"
+    data: list[T]
+    has_more: bool
+    next_cursor: str | None = None
+
+
+# --- files ------------------------------------------------------------------------------------------
+
+
+class FilePublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    object: Literal["file"] = "file"
+    filename: str
+    purpose: str
+    bytes: int
+    rows: int
+    sha256: str
+    created_at: datetime
+
+
+# --- jobs -------------------------------------------------------------------------------------------
+
+
+class JobCreate(BaseModel):
+    """A fine-tuning job. `hyperparameters` are the fields of app.ml.trainer.TrainConfig (see its help)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "dataset": "sample:multilingual-thinking",
+                    "suffix": "pirate",
+                    "seed": 42,
+                    "hyperparameters": {"max_steps": 60, "learning_rate": 2e-4, "lora_r": 8},
+                    "metadata": {"team": "research"},
+                }
+            ]
+        },
+    )
+
+    base_model: str | None = Field(
+        None, max_length=255, description="Hub id or local folder; default: the server's resolved base model."
+    )
+    dataset: str = Field(
+        ...,
+        min_length=1,
+        max_length=512,
+        description="An uploaded file id (file_...), a bundled sample (sample:<name>) or hf:<dataset id>.",
+    )
+    hyperparameters: dict[str, Any] = Field(
+        default_factory=dict, description="Training and LoRA options, validated by TrainConfig."
+    )
+    suffix: str | None = Field(
+        None,
+        min_length=1,
+        max_length=40,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Becomes part of the adapter's name: <base>:<suffix>:<job id>.",
+    )
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="Random seed; default TrainConfig's.")
+    priority: int = Field(0, ge=0, le=10, description="Higher runs first; equal priorities run in order.")
+    metadata: dict[str, str] = Field(
+        default_factory=dict, description=f"Up to {MAX_METADATA_KEYS} string pairs, kept with the job."
+    )
+
+    @field_validator("metadata")
+    @classmethod
+    def _small_metadata(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > MAX_METADATA_KEYS:
+            raise ValueError(f"must have at most {MAX_METADATA_KEYS} keys")
+        for key, item in value.items():
+            if len(key) > 64 or len(item) > MAX_METADATA_VALUE:
+                raise ValueError(
+                    f"keys must be at most 64 and values at most {MAX_METADATA_VALUE} characters"
+                )
+        return value
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobProgress(BaseModel):
+    step: int
+    total_steps: int | None
+    epoch: float | None
+
+
+class JobPublic(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    name: str | None
+    status: JobStatus
+    base_model: str
+    dataset: str
+    file_id: str | None
+    hyperparameters: dict[str, Any]
+    metadata: dict[str, Any]
+    priority: int
+    progress: JobProgress
+    train_loss: float | None
+    eval_loss: float | None
+    tokens_per_s: float | None
+    eta_s: float | None
+    queue_position: int | None = Field(None, description="1 = next to run; only while queued.")
+    backend: str | None
+    attempts: int
+    max_attempts: int
+    cancel_requested: bool
+    error: JobError | None
+    adapter_id: str | None
+    adapter: AdapterPublic | None = None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobEventPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    kind: str
+    attempt: int
+    step: int | None
+    message: str | None
+    data: dict[str, Any] | None
+    created_at: datetime
+
+
+class CheckpointPublic(BaseModel):
+    step: int
+    path: str
+    created_at: datetime
+    metrics: dict[str, Any] | None = None
+
+
+# --- adapters ---------------------------------------------------------------------------------------
+
+
+class AdapterPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    object: Literal["adapter"] = "adapter"
+    name: str
+    base_model: str
+    base_fingerprint: str | None
+    backend: str | None
+    job_id: str | None
+    manifest: dict[str, Any]
+    created_at: datetime
+
+
+class Deleted(BaseModel):
+    id: str
+    object: str
+    deleted: bool = True
+
+
+JobPublic.model_rebuild()

@@ -1,0 +1,307 @@
+"""Training throughput and peak memory, three loops side by side on one config.
+
+    python -m bench.train_bench --model /path/to/gpt-oss --out bench/results/run1 \
+        [--loops service,unsloth,hf] [--batch 4 --seq 1024 --rank 16 --steps 6 --warmup 2]
+
+- service: `app.ml.trainer.train` exactly as the worker's child process calls it (TRL SFTTrainer,
+  Unsloth backend on CUDA), timed through its own `TrainHooks.on_step`.
+- unsloth: a bare loop, `FastLanguageModel` + `get_peft_model` + AdamW, no trainer around it.
+- hf: a bare loop on transformers + PEFT in bf16, experts reached via `target_parameters`.
+
+Each loop runs in its own process (Unsloth patches transformers on import, and peak memory must be
+per loop), on the same rows rendered by the project's harmony code, all exactly `--seq` tokens long.
+Tokens/s = batch x seq / step time, mean over `--steps` steps after `--warmup` steps; peak memory is
+`torch.cuda.max_memory_allocated` over the timed steps and over the whole process (load included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import peak_gib, read_json, reset_peak, run_header, summarize, write_json
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+LOOPS = ("service", "unsloth", "hf")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model folder (or 'tiny-gpt-oss')")
+    p.add_argument("--models-dir", type=Path, default=Path("data/models"), help="offline tokenizer + tiny")
+    p.add_argument("--out", type=Path, required=True, help="folder for the JSON results")
+    p.add_argument("--loops", default=",".join(LOOPS))
+    p.add_argument("--one", choices=LOOPS, help=argparse.SUPPRESS)  # internal: run one loop here
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--steps", type=int, default=6, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--four-bit", action=argparse.BooleanOptionalAction, default=True)
+    return p.parse_args(argv)
+
+
+# --- timing shared by the three loops ---------------------------------------------------------------
+
+
+class StepClock:
+    """Records the wall time at the end of every optimizer step; resets the peak after the warm-up."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.stamps: list[float] = []
+        self.peak_before_gib: float | None = None  # load + warm-up steps
+
+    def tick(self) -> None:
+        from bench.common import cuda_sync
+
+        cuda_sync()
+        self.stamps.append(time.perf_counter())
+        if len(self.stamps) == self.warmup:
+            self.peak_before_gib = peak_gib()
+            reset_peak()  # the timed steps' own peak, without load-time spikes
+
+    def result(self, tokens_per_step: int) -> dict[str, Any]:
+        timed = self.stamps[self.warmup - 1 :] if self.warmup else self.stamps
+        step_s = [b - a for a, b in zip(timed, timed[1:], strict=False)]
+        stats = summarize(step_s)
+        mean = stats.get("mean")
+        train_peak = peak_gib()
+        return {
+            "steps_timed": len(step_s),
+            "step_s": stats,
+            "tokens_per_step": tokens_per_step,
+            "tokens_per_s": tokens_per_step / mean if mean else None,
+            "peak_gib_train": train_peak,
+            "peak_gib_process": max(self.peak_before_gib or 0, train_peak or 0) or None,
+        }
+
+
+# --- the bare loops ---------------------------------------------------------------------------------
+
+
+def _batches(rows: list[tuple[list[int], list[int]]], batch: int, count: int) -> list[tuple[Any, Any]]:
+    import torch
+
+    out = []
+    for step in range(count):
+        chunk = [rows[(step * batch + i) % len(rows)] for i in range(batch)]
+        ids = torch.tensor([c[0] for c in chunk])
+        mask = torch.tensor([c[1] for c in chunk])
+        labels = ids.masked_fill(mask == 0, -100)  # completion-only loss, as the service trains
+        out.append((ids, labels))
+    return out
+
+
+def bare_loop(model: Any, args: argparse.Namespace, rows: list[tuple[list[int], list[int]]]) -> StepClock:
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    clock = StepClock(args.warmup)
+    device = next(p.device for p in params)
+    model.train()
+    for ids, labels in _batches(rows, args.batch, args.warmup + args.steps):
+        out = model(input_ids=ids.to(device), labels=labels.to(device))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        clock.tick()
+    return clock
+
+
+def load_unsloth(args: argparse.Namespace, path: str) -> Any:
+    from unsloth import FastLanguageModel
+
+    model, _tok = FastLanguageModel.from_pretrained(
+        model_name=path, max_seq_length=args.seq, load_in_4bit=args.four_bit, dtype=None
+    )
+    # Unsloth maps the broad names gate_up_proj/down_proj onto the 3-D expert parameters.
+    return FastLanguageModel.get_peft_model(
+        model,
+        r=args.rank,
+        lora_alpha=args.alpha,
+        lora_dropout=0.0,
+        target_modules=[*ATTN, "gate_up_proj", "down_proj"],
+        use_gradient_checkpointing="unsloth",
+    )
+
+
+def load_hf(args: argparse.Namespace, path: str) -> Any:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=device)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    cfg = LoraConfig(
+        r=args.rank,
+        lora_alpha=args.alpha,
+        lora_dropout=0.0,
+        target_modules=ATTN,
+        target_parameters=EXPERTS,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, cfg)
+
+
+# --- the service's own job ---------------------------------------------------------------------------
+
+
+def run_service(args: argparse.Namespace, rows_jsonl: Path, work: Path) -> StepClock:
+    """`app.ml.trainer.train` with the same batch, length, rank, targets and step count."""
+    from app.ml.trainer import TrainConfig, train
+
+    clock = StepClock(args.warmup)
+
+    class Hooks:
+        def on_step(self, metrics: dict[str, Any]) -> None:
+            clock.tick()
+
+        def on_log(self, line: str) -> None:
+            print(line, flush=True)
+
+        def on_checkpoint(self, step: int, path: Path) -> None:
+            pass
+
+        def should_stop(self) -> bool:
+            return False
+
+    cfg = TrainConfig(**service_config(args, rows_jsonl))
+    train(cfg, work_dir=work / "job", output_dir=work / "adapter", hooks=Hooks(), models_dir=args.models_dir)
+    return clock
+
+
+def service_config(args: argparse.Namespace, rows_jsonl: Path) -> dict[str, Any]:
+    return {
+        "base_model": args.model,
+        "dataset": str(rows_jsonl),
+        "backend": "unsloth" if _cuda() else "hf",
+        "load_in_4bit": args.four_bit,
+        "max_seq_length": args.seq,
+        "per_device_batch_size": args.batch,
+        "gradient_accumulation_steps": 1,
+        "max_steps": args.warmup + args.steps,
+        "lora_r": args.rank,
+        "lora_alpha": args.alpha,
+        "lora_dropout": 0.0,
+        "learning_rate": args.lr,
+        "packing": False,
+    }
+
+
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+# --- one loop per process ----------------------------------------------------------------------------
+
+
+def run_one(args: argparse.Namespace) -> dict[str, Any]:
+    from app.ml.modeling import resolve_model_path
+    from bench.data import fixed_length_rows, render_all, write_jsonl
+
+    n_rows = args.batch * (args.warmup + args.steps)
+    rows = fixed_length_rows(n_rows, args.seq)
+    rendered = render_all(rows)
+    lengths = sorted({len(ids) for ids, _ in rendered})
+    assert len(lengths) == 1, f"rows must all be {args.seq} tokens, got {lengths}"
+    path = resolve_model_path(args.model, args.models_dir)
+    reset_peak()
+    t0 = time.perf_counter()
+    if args.one == "service":
+        work = args.out / "service-work"
+        clock = run_service(args, write_jsonl(rows, work / "rows.jsonl"), work)
+        load_s = None  # inside train(); the first warm-up step absorbs it
+    else:
+        model = load_unsloth(args, path) if args.one == "unsloth" else load_hf(args, path)
+        load_s = time.perf_counter() - t0
+        clock = bare_loop(model, args, rendered)
+    result = clock.result(args.batch * lengths[0])
+    result.update(loop=args.one, load_s=load_s, total_s=time.perf_counter() - t0)
+    return result
+
+
+def drive(args: argparse.Namespace) -> dict[str, Any]:
+    """Run each loop in a fresh process, then put the ratios the goals are stated in."""
+    results: dict[str, Any] = {}
+    for loop in args.loops.split(","):
+        out = args.out / f"train_{loop}.json"
+        cmd = [sys.executable, "-m", "bench.train_bench", *sys.argv[1:], "--one", loop]
+        print(f"== {loop}: {' '.join(cmd)}", flush=True)
+        rc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False).returncode
+        results[loop] = read_json(out) if out.exists() and rc == 0 else {"loop": loop, "error": f"exit {rc}"}
+    summary = {**run_header(), "config": _config(args), "loops": results, "ratios": ratios(results)}
+    write_json(args.out / "train_bench.json", summary)
+    print_table(summary)
+    return summary
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "model": args.model,
+        "batch": args.batch,
+        "seq": args.seq,
+        "rank": args.rank,
+        "alpha": args.alpha,
+        "targets": ATTN + EXPERTS,
+        "four_bit": args.four_bit,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "optimizer": "AdamW",
+        "gradient_checkpointing": True,
+    }
+
+
+def ratios(results: dict[str, Any]) -> dict[str, float | None]:
+    def get(loop: str, key: str) -> float | None:
+        value = results.get(loop, {}).get(key)
+        return float(value) if value else None
+
+    def div(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 4) if a and b else None
+
+    return {
+        "service_over_unsloth_tokens": div(get("service", "tokens_per_s"), get("unsloth", "tokens_per_s")),
+        "service_over_hf_tokens": div(get("service", "tokens_per_s"), get("hf", "tokens_per_s")),
+        "service_over_hf_peak": div(get("service", "peak_gib_process"), get("hf", "peak_gib_process")),
+        "unsloth_over_hf_tokens": div(get("unsloth", "tokens_per_s"), get("hf", "tokens_per_s")),
+    }
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    print(f"{'loop':<9}{'tokens/s':>11}{'step s':>9}{'peak GiB (train)':>18}{'peak GiB (all)':>16}")
+    for loop, r in summary["loops"].items():
+        if "error" in r:
+            print(f"{loop:<9} {r['error']}")
+            continue
+        print(
+            f"{loop:<9}{r['tokens_per_s']:>11.1f}{r['step_s']['mean']:>9.3f}"
+            f"{r['peak_gib_train'] or 0:>18.2f}{r['peak_gib_process'] or 0:>16.2f}"
+        )
+    print("ratios:", summary["ratios"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.one:
+        result = {**run_header(), "config": _config(args), **run_one(args)}
+        write_json(args.out / f"train_{args.one}.json", result)
+        return
+    drive(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Alembic environment: the URL comes from Settings (passed in by app.db.upgrade_to_head, else read
+from the environment), so migrations run against exactly the database the service uses."""
+
+from __future__ import annotations
+
+from logging.config import fileConfig
+
+from alembic import context
+
+from app.config import Settings, get_settings
+from app.db import make_engine
+from app.models import Base
+
+config = context.config
+# Only the command line configures logging here; inside the service the app's logging stays as set up.
+if config.config_file_name is not None and "settings" not in config.attributes:
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
+
+settings: Settings = config.attributes.get("settings") or get_settings()
+
+
+def run_migrations_offline() -> None:
+    context.configure(url=settings.db_url, target_metadata=Base.metadata, render_as_batch=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    engine = make_engine(settings)
+    try:
+        with engine.connect() as connection:
+            # render_as_batch: SQLite cannot ALTER most things; batch mode rebuilds the table instead.
+            context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+            with context.begin_transaction():
+                context.run_migrations()
+    finally:
+        engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

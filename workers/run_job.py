@@ -1,0 +1,186 @@
+"""The child process that trains one job: `python -m workers.run_job <job id>`.
+
+Started by workers/worker.py in a clean interpreter. It writes the job's events and progress through
+its own database session (SQLite WAL + busy timeout let it write beside the worker's heartbeats) and
+ends by writing data_dir/jobs/<id>/result.json, which the worker reads to finalise the job:
+    {"status": "succeeded", "adapter_id", "adapter_name", "adapter_path", "backend"}
+    {"status": "stopped"}                        SIGTERM (cancel or worker shutdown), checkpoint saved
+    {"status": "failed", "code", "message"}      a clean failure (bad dataset, bad config, ...)
+A crash leaves no result; the worker reports the exit status and the end of the output instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from app import queue
+from app.config import Settings, get_settings
+from app.db import make_engine
+from app.exceptions import ServiceError
+from app.ml.data import DatasetError
+from app.models import Job
+
+log = logging.getLogger("workers.run_job")
+
+CANCEL_POLL_S = 1.0  # how often should_stop() asks the database whether the job was cancelled
+
+
+class JobHooks:
+    """app.ml.trainer.TrainHooks for one job: events to the database, stop on SIGTERM or a lost lease."""
+
+    def __init__(self, engine: Engine, job: Job, worker_id: str) -> None:
+        self.engine, self.job_id, self.attempt, self.worker_id = engine, job.id, job.attempts, worker_id
+        self.stop = threading.Event()
+        self._next_cancel_poll = 0.0
+        self._clock: tuple[float, int] | None = None  # (time, step) of this attempt's first report
+
+    def on_start(self, total_steps: int) -> None:
+        with Session(self.engine) as session:
+            queue.record_total_steps(session, self.job_id, total_steps)
+
+    def on_step(self, metrics: dict[str, Any]) -> None:
+        metrics = {k: v for k, v in _plain(metrics).items() if v is not None}
+        metrics["eta_s"] = self._eta(int(metrics["step"]), metrics.get("total_steps"))
+        with Session(self.engine) as session:
+            if not queue.record_step(session, self.job_id, self.worker_id, self.attempt, metrics):
+                log.error("job %s is no longer ours; stopping", self.job_id)
+                self.stop.set()
+
+    def _eta(self, step: int, total: int | None) -> float | None:
+        """Seconds left at this attempt's average step time so far (model loading excluded)."""
+        now = time.monotonic()
+        if self._clock is None or step <= self._clock[1]:
+            self._clock = (now, step)
+            return None
+        per_step = (now - self._clock[0]) / (step - self._clock[1])
+        return round(per_step * max((total or step) - step, 0), 1)
+
+    def on_log(self, line: str) -> None:
+        self._event("log", message=line)
+
+    def on_checkpoint(self, step: int, path: Path | str) -> None:
+        self._event("checkpoint", message=f"checkpoint at step {step}", step=step, data={"path": str(path)})
+
+    def should_stop(self) -> bool:
+        if not self.stop.is_set() and time.monotonic() >= self._next_cancel_poll:
+            self._next_cancel_poll = time.monotonic() + CANCEL_POLL_S
+            with Session(self.engine) as session:
+                if queue.cancel_requested(session, self.job_id):
+                    self.stop.set()
+        return self.stop.is_set()
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        with Session(self.engine) as session:
+            queue.add_event(session, self.job_id, kind, attempt=self.attempt, **fields)
+            session.commit()
+
+
+def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
+    """JSON-safe copy (tensors and numpy scalars become floats)."""
+    return {
+        k: (v if isinstance(v, str | int | float | bool | None) else float(v)) for k, v in metrics.items()
+    }
+
+
+def adapter_identity(job: Job) -> tuple[str, str]:
+    """A deterministic id and name, so a resumed attempt writes (and finds) the same adapter."""
+    tail = job.id.split("_", 1)[-1]
+    base = job.base_model.rstrip("/").rsplit("/", 1)[-1]
+    return f"adp_{tail}", f"ft:{base}:{job.name or 'adapter'}:{tail[-8:]}"
+
+
+def train_job(settings: Settings, engine: Engine, job: Job, hooks: JobHooks) -> dict[str, Any]:
+    from app.ml.trainer import TrainConfig, train
+
+    adapter_id, adapter_name = adapter_identity(job)
+    output_dir = settings.adapters_dir / adapter_id
+    done = {
+        "status": "succeeded",
+        "adapter_id": adapter_id,
+        "adapter_name": adapter_name,
+        "adapter_path": str(output_dir.resolve()),
+    }
+    if (output_dir / "manifest.json").is_file():  # an earlier attempt finished the files, then died
+        return {**done, "backend": json.loads((output_dir / "manifest.json").read_text()).get("backend")}
+    with Session(engine) as session:
+        source, _ = queue.resolve_dataset(session, job.dataset)
+    config = TrainConfig(**{**job.config, "dataset": source})
+    settings.adapters_dir.mkdir(parents=True, exist_ok=True)
+    result = train(
+        config,
+        work_dir=settings.jobs_dir / job.id,
+        output_dir=output_dir,
+        hooks=hooks,
+        models_dir=settings.models_path,
+    )
+    if result.stopped or result.adapter_dir is None:
+        return {"status": "stopped", "step": result.global_step}
+    return {**done, "backend": result.backend}
+
+
+def run(job_id: str) -> dict[str, Any]:
+    settings = get_settings()
+    engine = make_engine(settings)
+    worker_id = os.environ.get("GPTOSS_WORKER_ID", "")
+    with Session(engine, expire_on_commit=False) as session:
+        job = queue.get_job(session, job_id)
+    hooks = JobHooks(engine, job, worker_id)
+    signal.signal(signal.SIGTERM, lambda *_: hooks.stop.set())  # finish the step, checkpoint, return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the worker, which decides
+    _watch_parent(hooks)
+    try:
+        return train_job(settings, engine, job, hooks)
+    except ServiceError as err:
+        return {"status": "failed", "code": err.code, "message": err.message}
+    except DatasetError as err:  # e.g. the uploaded file was changed or removed after it was checked
+        return {"status": "failed", "code": "invalid_dataset", "message": str(err)}
+    except (ValueError, FileNotFoundError) as err:  # config and data problems: the user's to fix
+        log.error("job %s failed: %s", job_id, traceback.format_exc())
+        return {"status": "failed", "code": "invalid_job", "message": f"{type(err).__name__}: {err}"}
+
+
+def _watch_parent(hooks: JobHooks) -> None:
+    """Belt and braces for PR_SET_PDEATHSIG: exit if the worker that started us is gone."""
+    parent = int(os.environ.get("GPTOSS_PARENT_PID", "0") or 0)
+    if not parent:
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(70)  # the worker died: its job is requeued by lease expiry; nothing to save here
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def write_result(settings: Settings, job_id: str, result: dict[str, Any]) -> None:
+    """Atomically: the worker must never read half a result."""
+    path = settings.jobs_dir / job_id / "result.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    job_id = sys.argv[1]
+    result = run(job_id)
+    log.info("job %s: %s", job_id, result)
+    write_result(get_settings(), job_id, result)
+
+
+if __name__ == "__main__":
+    main()

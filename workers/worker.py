@@ -1,0 +1,288 @@
+"""The worker loop: requeue expired leases, claim one job, run it in a child process, finalise it.
+
+    python -m workers.worker [--once] [--worker-id ID]
+
+The training runs in `python -m workers.run_job <job id>`, a clean interpreter, so an out-of-memory kill
+or a crash in CUDA code ends that child only: its job fails with a clear error and the loop goes on.
+The child dies with the worker (PR_SET_PDEATHSIG), so a SIGKILLed worker leaves no training behind; its
+job is requeued when its lease expires and resumes from the last checkpoint.
+SIGTERM/SIGINT: the current step finishes, a checkpoint is written, the job goes back to the queue.
+This module never imports FastAPI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app import queue, registry
+from app.config import Settings, get_settings
+from app.db import ROOT, make_engine, make_sessionmaker, upgrade_to_head
+from app.exceptions import ServiceError, TransitionError
+from app.models import Job
+
+log = logging.getLogger("workers.worker")
+
+PR_SET_PDEATHSIG = 1
+# A child asked to stop gets this long to finish its step and checkpoint before it is killed.
+STOP_GRACE_S = 300.0
+RESULT_FILE = "result.json"
+
+
+def child_env(settings: Settings, job: Job, worker_id: str) -> dict[str, str]:
+    """The worker's environment plus absolute paths, so the child sees exactly the worker's settings."""
+    env = dict(os.environ)
+    env.update(
+        GPTOSS_DATA_DIR=str(settings.data_dir.resolve()),
+        GPTOSS_MODELS_DIR=str(settings.models_path.resolve()),
+        GPTOSS_DATABASE_URL=settings.db_url,
+        GPTOSS_WORKER_ID=worker_id,
+        GPTOSS_PARENT_PID=str(os.getpid()),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+    )
+    return env
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec: the kernel SIGKILLs it when the worker dies."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@dataclass
+class Supervision:
+    """What happened while the child ran, for the finaliser."""
+
+    cancel: bool = False
+    lost: bool = False  # the lease was lost: another worker may own the job now
+    stop_sent: bool = False
+
+
+class Worker:
+    def __init__(self, settings: Settings, worker_id: str | None = None) -> None:
+        self.settings = settings
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.db = make_engine(settings)
+        self.sessions = make_sessionmaker(self.db)
+        self.stopping = threading.Event()
+
+    # --- the loop ---------------------------------------------------------------------------------
+
+    def run(self, *, once: bool = False) -> None:
+        upgrade_to_head(self.settings)
+        log.info("worker %s polling every %.1fs", self.worker_id, self.settings.worker_poll_s)
+        while not self.stopping.is_set():
+            job = self.poll()
+            if job is not None:
+                self.run_job(job)
+            if once:
+                return
+            if job is None:
+                self.stopping.wait(self.settings.worker_poll_s)
+        log.info("worker %s stopped", self.worker_id)
+
+    def poll(self) -> Job | None:
+        with self.sessions() as session:
+            for job_id, status in queue.requeue_expired(session):
+                log.warning("job %s had an expired lease: now %s", job_id, status)
+        return queue.claim_next(self.db, self.worker_id, self.settings.lease_s)
+
+    def request_stop(self, signum: int, _frame: FrameType | None = None) -> None:
+        log.warning("signal %d: finishing the current step, checkpointing, then exiting", signum)
+        self.stopping.set()
+
+    # --- one job ------------------------------------------------------------------------------------
+
+    def run_job(self, job: Job) -> None:
+        job_dir = self.settings.jobs_dir / job.id
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / RESULT_FILE).unlink(missing_ok=True)
+        log_path = job_dir / f"attempt-{job.attempts}.log"
+        log.info("job %s: attempt %d, log %s", job.id, job.attempts, log_path)
+        seen = Supervision()
+        proc: subprocess.Popen[bytes] | None = None
+        try:
+            with open(log_path, "ab") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "workers.run_job", job.id],
+                    env=child_env(self.settings, job, self.worker_id),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=_die_with_parent,
+                )
+            self._event(job.id, "log", f"child process {proc.pid} started", data={"pid": proc.pid})
+            self.supervise(job, proc, seen)
+        finally:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            self.finalise(job, proc, seen, job_dir, log_path)
+
+    def supervise(self, job: Job, proc: subprocess.Popen[bytes], seen: Supervision) -> None:
+        """Heartbeat while the child runs; pass a cancel, a SIGTERM or a lost lease on to it as SIGTERM."""
+        tick = min(0.5, self.settings.heartbeat_s / 2)
+        last_beat, stop_at = 0.0, 0.0
+        while proc.poll() is None:
+            if time.monotonic() - last_beat >= self.settings.heartbeat_s:
+                seen.cancel |= self._beat(job, seen)
+                last_beat = time.monotonic()
+            elif not seen.cancel:
+                with self.sessions() as session:
+                    seen.cancel = queue.cancel_requested(session, job.id)
+            if (seen.cancel or seen.lost or self.stopping.is_set()) and not seen.stop_sent:
+                proc.send_signal(signal.SIGTERM)
+                seen.stop_sent, stop_at = True, time.monotonic()
+            if seen.stop_sent and time.monotonic() - stop_at > STOP_GRACE_S:
+                log.error("job %s: child did not stop within %.0fs; killing it", job.id, STOP_GRACE_S)
+                proc.kill()
+            time.sleep(tick)
+
+    def _beat(self, job: Job, seen: Supervision) -> bool:
+        try:
+            with self.sessions() as session:
+                return queue.heartbeat(session, job.id, self.worker_id, self.settings.lease_s)
+        except TransitionError:
+            if not seen.lost:
+                log.error("job %s: lease lost (requeued by another worker?); stopping the child", job.id)
+            seen.lost = True
+            return False
+
+    # --- the end of one job ---------------------------------------------------------------------------
+
+    def finalise(
+        self, job: Job, proc: subprocess.Popen[bytes] | None, seen: Supervision, job_dir: Path, log_path: Path
+    ) -> None:
+        """Write the job's final state. Runs in a `finally`: no path leaves a job running with no worker."""
+        if seen.lost:
+            return  # not ours any more; whoever requeued it owns it
+        result = _read_result(job_dir / RESULT_FILE)
+        try:
+            with self.sessions() as session:
+                self._settle(session, job, proc, result, seen, log_path)
+        except TransitionError as err:
+            log.warning("job %s moved on meanwhile: %s", job.id, err)
+        except Exception:
+            log.exception("job %s: finalising failed; failing it", job.id)
+            with self.sessions() as session:
+                queue.finish_failed(
+                    session,
+                    job.id,
+                    self.worker_id,
+                    code="internal_error",
+                    message="the worker could not record the result; see the worker log",
+                )
+
+    def _settle(
+        self,
+        session: Session,
+        job: Job,
+        proc: subprocess.Popen[bytes] | None,
+        result: dict[str, Any] | None,
+        seen: Supervision,
+        log_path: Path,
+    ) -> None:
+        result = result or {}
+        status = result.get("status")
+        if status == "succeeded":
+            self._succeed(session, job, result)
+        elif status == "failed":
+            queue.finish_failed(
+                session, job.id, self.worker_id, code=result["code"], message=result["message"]
+            )
+        elif seen.cancel or queue.cancel_requested(session, job.id):
+            queue.finish_cancelled(session, job.id, self.worker_id)
+        elif status == "stopped" and self.stopping.is_set():
+            queue.release(
+                session, job.id, self.worker_id, f"worker {self.worker_id} shut down; checkpoint kept"
+            )
+        else:
+            code, message = _crash_reason(proc, log_path)
+            queue.finish_failed(session, job.id, self.worker_id, code=code, message=message)
+
+    def _succeed(self, session: Session, job: Job, result: dict[str, Any]) -> None:
+        """The adapter folder is in place (the trainer renamed it there): now the row, then the job."""
+        try:
+            registry.register_adapter(
+                session,
+                adapter_id=result["adapter_id"],
+                name=result["adapter_name"],
+                folder=Path(result["adapter_path"]),
+                job_id=job.id,
+            )
+        except (ServiceError, FileNotFoundError) as err:
+            queue.finish_failed(
+                session, job.id, self.worker_id, code="adapter_registration_failed", message=str(err)
+            )
+            return
+        queue.finish_succeeded(
+            session,
+            job.id,
+            self.worker_id,
+            adapter_id=result["adapter_id"],
+            backend=result.get("backend") or "unknown",
+        )
+
+    def _event(self, job_id: str, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+        with self.sessions() as session:
+            queue.add_event(session, job_id, kind, message=message, data=data)
+            session.commit()
+
+
+def _read_result(path: Path) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return data
+
+
+def _crash_reason(proc: subprocess.Popen[bytes] | None, log_path: Path) -> tuple[str, str]:
+    """Say how the child died, in words, with the end of its output."""
+    code = None if proc is None else proc.returncode
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name
+        hint = " (often the out-of-memory killer)" if -code == signal.SIGKILL else ""
+        what = f"the training process was killed by {name}{hint}"
+    else:
+        what = f"the training process exited with status {code} without a result"
+    return "child_crashed", f"{what}; last output: {_tail(log_path)}"
+
+
+def _tail(path: Path, limit: int = 1500) -> str:
+    try:
+        text = path.read_bytes()[-limit:].decode(errors="replace").strip()
+    except FileNotFoundError:
+        return "(none)"
+    return text or "(none)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run fine-tuning jobs from the queue.")
+    parser.add_argument("--once", action="store_true", help="Run at most one job, then exit.")
+    parser.add_argument("--worker-id", help="Name in the jobs table; default <host>-<pid>.")
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker = Worker(settings, args.worker_id)
+    signal.signal(signal.SIGTERM, worker.request_stop)
+    signal.signal(signal.SIGINT, worker.request_stop)
+    worker.run(once=args.once)
+
+
+if __name__ == "__main__":
+    main()
