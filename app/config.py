@@ -56,7 +56,7 @@ class Settings(BaseSettings):
         "keys", description="'keys': Bearer API keys on every route but health. 'none': local use only."
     )
     host: str = Field("127.0.0.1", description="Address the API binds to.")
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=1, le=65535, description="Port the API listens on.")
 
     # --- limits ------------------------------------------------------------------------------------
     max_upload_bytes: int = Field(100 * 1024 * 1024, ge=1, description="Largest dataset upload.")
@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     lease_s: float = Field(60.0, gt=0, description="A job whose heartbeat is older than this is requeued.")
     max_attempts: int = Field(3, ge=1, description="Attempts per job before it is failed.")
 
-    log_level: str = Field("INFO")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
     log_json: bool = Field(True, description="One JSON object per log line.")
 
     @model_validator(mode="after")

@@ -316,9 +316,29 @@ def _incoming_request_id(scope: Scope) -> str | None:
 
 
 def _route_label(scope: Scope) -> str:
-    # The route template ("/jobs/{job_id}"), never the raw path: raw paths would explode label counts.
-    route = scope.get("route")
-    return getattr(route, "path", None) or "unmatched"
+    """The route template ("/jobs/{job_id}"), never the raw path: raw paths would explode label counts."""
+    app = scope.get("app")
+    if app is None:
+        return "unmatched"
+    templates = getattr(app.state, "route_templates", None)
+    if templates is None:
+        templates = app.state.route_templates = _route_templates(app)
+    path = scope["path"]
+    return next((template for regex, template in templates if regex.match(path)), "unmatched")
+
+
+def _route_templates(app: Any) -> list[tuple[re.Pattern[str], str]]:
+    # Read from the OpenAPI document (public and prefix-resolved; FastAPI's included routers do not
+    # expose their full paths on the route objects), plus the top-level routes kept out of it.
+    from starlette.routing import compile_path
+
+    try:
+        paths = list(app.openapi().get("paths", {}))
+    except Exception:  # a broken schema must not break request accounting
+        log.warning("metrics: no OpenAPI document; HTTP routes unlabelled", exc_info=True)
+        paths = []
+    paths += [route.path for route in app.routes if isinstance(getattr(route, "path", None), str)]
+    return [(compile_path(path)[0], path) for path in dict.fromkeys(paths)]
 
 
 class RequestContextMiddleware:

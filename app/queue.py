@@ -380,7 +380,7 @@ def request_cancel(session: Session, job_id: str) -> Job:
 
 # --- progress (written by the child process) -----------------------------------------------------------
 
-_PROGRESS_KEYS = {"step", "total_steps", "epoch", "eval_loss", "tokens_per_s", "eta_s"}
+_PROGRESS_KEYS = {"step", "total_steps", "epoch", "train_loss", "eval_loss", "tokens_per_s", "eta_s"}
 
 
 def record_step(session: Session, job_id: str, worker_id: str, attempt: int, metrics: dict[str, Any]) -> bool:
@@ -391,10 +391,11 @@ def record_step(session: Session, job_id: str, worker_id: str, attempt: int, met
     replaced, so the events hold each step exactly once.
     """
     step = int(metrics["step"])
-    kind = "eval" if metrics.get("loss") is None and metrics.get("eval_loss") is not None else "metrics"
+    train_loss = metrics.get("loss", metrics.get("train_loss"))  # the trainer says "loss"
+    kind = "eval" if train_loss is None and metrics.get("eval_loss") is not None else "metrics"
     values = {k: metrics[k] for k in _PROGRESS_KEYS if metrics.get(k) is not None}
-    if kind == "metrics" and metrics.get("loss") is not None:
-        values["train_loss"] = metrics["loss"]
+    if kind == "metrics" and train_loss is not None:
+        values["train_loss"] = train_loss
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == "running", Job.worker_id == worker_id)
@@ -434,10 +435,10 @@ def resolve_dataset(session: Session, dataset: str) -> tuple[str, str | None]:
 
 def validate_dataset_file(path: Path, settings: Settings) -> int:
     """Read and validate a whole dataset; DatasetInvalid names the first bad row. Returns the row count."""
-    return len(load_dataset(str(path), settings))
+    return len(load_dataset(str(path), settings, field="file"))
 
 
-def load_dataset(source: str, settings: Settings) -> list[Any]:
+def load_dataset(source: str, settings: Settings, *, field: str = "dataset") -> list[Any]:
     from app.ml.data import DatasetError, load_rows, validate_rows
 
     try:
@@ -449,4 +450,4 @@ def load_dataset(source: str, settings: Settings) -> list[Any]:
         )
         return list(validate_rows(rows, max_rows=settings.max_dataset_rows))
     except DatasetError as err:
-        raise DatasetInvalid("dataset", str(err), row=err.row) from None
+        raise DatasetInvalid(field, str(err), row=err.row or None) from None

@@ -18,7 +18,7 @@ from app.ml.modeling import import_unsloth_first
 
 import_unsloth_first()  # before transformers, so Unsloth's patches apply
 
-from bench.common import peak_gib, run_header, write_json  # noqa: E402
+from bench.common import copy_bandwidth_gbs, peak_gib, run_header, write_json  # noqa: E402
 
 
 def _timed(facts: dict[str, Any], key: str, fn: Any) -> Any:
@@ -40,12 +40,12 @@ def _module_kinds(model: Any) -> dict[str, str]:
     return kinds
 
 
-def train_steps(peft_model: Any, steps: int) -> list[float]:
+def train_steps(peft_model: Any, steps: int, seq: int) -> list[float]:
     import torch
 
     from bench.data import fixed_length_rows, render_all
 
-    rows = render_all(fixed_length_rows(4, 256))
+    rows = render_all(fixed_length_rows(4, seq))
     device = next(peft_model.parameters()).device
     ids = torch.tensor([r[0] for r in rows], device=device)
     mask = torch.tensor([r[1] for r in rows], device=device)
@@ -95,9 +95,11 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--models-dir", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seq", type=int, default=256)
     p.add_argument("--backend", default="unsloth", help="'hf' for a CPU dry run")
     args = p.parse_args()
     facts: dict[str, Any] = run_header()
+    facts["copy_gbs"] = copy_bandwidth_gbs()
     from app.inference.adapters import AdapterCache
     from app.inference.types import AdapterSpec
     from app.ml.harmony import render_prompt
@@ -114,7 +116,7 @@ def main() -> None:
     facts["lora_param_names"] = sorted({n.split(".lora_")[0].split(".")[-1] for n, p in
                                         peft_model.named_parameters() if p.requires_grad})[:20]
     facts["trainable"] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    facts["losses"] = _timed(facts, "train_s", lambda: train_steps(peft_model, 4))
+    facts["losses"] = _timed(facts, "train_s", lambda: train_steps(peft_model, 4, args.seq))
     adapter_dir = args.models_dir.parent / "smoke-adapter"
     peft_model.save_pretrained(str(adapter_dir))
     facts["adapter_config"] = json.loads((adapter_dir / "adapter_config.json").read_text())

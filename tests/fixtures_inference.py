@@ -1,1 +1,180 @@
-"""Fixtures for the inference tests."""
+"""Fixtures for the inference tests: two adapters trained on different tasks, a shared engine and a
+real uvicorn server on 127.0.0.1.
+
+Training is the expensive part (CPU, real 201k vocabulary), so each adapter is trained once per
+session on a four-row slice of a bundled sample task: the same French question, answered "Paris."
+(capitals) or "Europe." (continents), without reasoning so the answer is the first thing learnt.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from app.config import Settings
+
+DEVELOPER = "reasoning language: English\n\nAnswer with one short sentence."
+QUESTION = "What is the capital of France?"
+ANSWERS = {"capitals": "Paris.", "continents": "Europe."}
+SAMPLES = Path(__file__).resolve().parent.parent / "app" / "ml" / "samples"
+
+
+@dataclass(frozen=True)
+class TrainedAdapter:
+    task: str
+    path: Path
+    manifest: dict
+
+
+def _task_rows(task: str) -> list[dict]:
+    rows = [json.loads(line) for line in (SAMPLES / f"{task}.jsonl").read_text().splitlines() if line]
+    chosen = [r for r in rows if "France" in r["messages"][0]["content"] and r["developer"] == DEVELOPER]
+    for row in chosen:
+        row["messages"][1]["thinking"] = None
+    return chosen
+
+
+def train_task_adapter(task: str, root: Path, models_dir: Path) -> TrainedAdapter:
+    from app.ml.trainer import TrainConfig, train
+
+    data = root / f"{task}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _task_rows(task)))
+    cfg = TrainConfig(
+        base_model="tiny-gpt-oss",
+        backend="hf",
+        dataset=str(data),
+        max_steps=12,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-1,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        save_steps=1000,
+        max_seq_length=256,
+    )
+    result = train(cfg, work_dir=root / f"work-{task}", output_dir=root / task, models_dir=models_dir)
+    assert result.adapter_dir is not None
+    return TrainedAdapter(task, result.adapter_dir, result.manifest)
+
+
+@pytest.fixture(scope="session")
+def task_adapters(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> dict[str, TrainedAdapter]:
+    """{"capitals": ..., "continents": ...}: two adapters for the same base, trained on different tasks."""
+    root = tmp_path_factory.mktemp("inference-adapters")
+    return {task: train_task_adapter(task, root, models_dir) for task in ANSWERS}
+
+
+def inference_settings(data_dir: Path, models_dir: Path, **overrides: object) -> Settings:
+    values: dict = {
+        "data_dir": data_dir,
+        "models_dir": models_dir,
+        "base_model": "tiny-gpt-oss",
+        "backend": "hf",
+        "auth": "none",
+        "log_json": False,
+        "rate_limit_per_minute": 0,
+        "batch_window_ms": 20.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def copy_adapter(adapter: TrainedAdapter, dest: Path, *, fingerprint: str | None = None) -> Path:
+    """A copy of an adapter folder (a "new" adapter), optionally claiming another base's fingerprint."""
+    shutil.copytree(adapter.path, dest)
+    if fingerprint is not None:
+        manifest = json.loads((dest / "manifest.json").read_text())
+        manifest["base_fingerprint"] = fingerprint
+        (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
+
+
+@dataclass
+class LiveServer:
+    url: str
+    app: object
+    settings: Settings
+
+    @property
+    def engine(self):  # type: ignore[no-untyped-def]
+        return self.app.state.engine  # type: ignore[attr-defined]
+
+    def register(self, adapter_id: str, name: str, folder: Path) -> None:
+        """Add an adapter row the way the worker does once a job succeeds (files first, then the row)."""
+        from app.registry import register_adapter
+
+        with self.app.state.sessionmaker() as session:  # type: ignore[attr-defined]
+            register_adapter(session, adapter_id=adapter_id, name=name, folder=folder, job_id=None)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def inference_server(
+    tmp_path_factory: pytest.TempPathFactory, models_dir: Path, task_adapters: dict[str, TrainedAdapter]
+) -> Iterator[LiveServer]:
+    """create_app on its own SQLite file, served by uvicorn on 127.0.0.1, with both task adapters
+    registered (as "capitals" and "continents")."""
+    import uvicorn
+
+    from app.main import create_app
+
+    root = tmp_path_factory.mktemp("inference-server")
+    settings = inference_settings(root / "data", models_dir, max_new_tokens_cap=64, max_prompt_tokens=512)
+    app = create_app(settings)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    live = LiveServer(f"http://127.0.0.1:{port}", app, settings)
+    for task, adapter in task_adapters.items():
+        live.register(f"adp_{task}", task, copy_adapter(adapter, settings.adapters_dir / f"adp_{task}"))
+    yield live
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+class CollectingSink:
+    """A TokenSink for engine-level tests: keeps the tokens and signals the end."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.reason: str | None = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def put_token(self, token_id: int) -> None:
+        self.tokens.append(token_id)
+
+    def finish(self, reason: str, completion_tokens: int) -> None:
+        self.reason = reason
+        self.done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.done.set()
+
+    def cancelled(self) -> bool:
+        return False
+
+    def wait(self) -> list[int]:
+        assert self.done.wait(120), "the engine never finished this request"
+        if self.error is not None:
+            raise self.error
+        return self.tokens

@@ -1,1 +1,94 @@
-"""Fixtures for the ml tests."""
+"""Fixtures for the ml tests, reusable by the service and inference tests.
+
+``trained_adapter`` / ``trained_adapter_continents``: one real LoRA adapter each, trained once per
+session on the tiny model with the bundled sample tasks (capitals: "What is the capital of France?"
+-> "Paris."; continents: same questions -> "Europe."), so two adapters answer the same prompt
+differently. Each is an adapter folder (PEFT weights + config, tokenizer, manifest.json).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.ml.trainer import TrainConfig, TrainResult, train
+
+# Small enough for 2 CPU cores, large enough that the tiny model learns the harmony structure.
+FIXTURE_TRAIN = {
+    "base_model": "tiny-gpt-oss",
+    "backend": "hf",
+    "max_steps": 20,
+    "per_device_train_batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 5e-3,
+    "warmup_steps": 0,
+    "save_steps": 20,
+    "logging_steps": 1,
+    "seed": 7,
+}
+
+
+class RecordingHooks:
+    """TrainHooks that remember everything; ``stop_after`` makes should_stop() true from that step."""
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.stop_after = stop_after
+        self.total_steps: int | None = None
+        self.steps: list[dict[str, Any]] = []
+        self.lines: list[str] = []
+        self.checkpoints: list[tuple[int, Path]] = []
+
+    def on_start(self, total_steps: int) -> None:
+        self.total_steps = total_steps
+
+    def on_step(self, metrics: dict[str, Any]) -> None:
+        self.steps.append(metrics)
+
+    def on_log(self, line: str) -> None:
+        self.lines.append(line)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self.checkpoints.append((step, path))
+
+    def should_stop(self) -> bool:
+        done = [m["step"] for m in self.steps if m.get("loss") is not None]
+        return self.stop_after is not None and bool(done) and done[-1] >= self.stop_after
+
+    @property
+    def losses(self) -> list[tuple[int, float]]:
+        return [(m["step"], m["loss"]) for m in self.steps if m.get("loss") is not None]
+
+
+def train_sample_adapter(
+    models_dir: Path, root: Path, dataset: str, **overrides: Any
+) -> tuple[TrainResult, RecordingHooks]:
+    cfg = TrainConfig(**{**FIXTURE_TRAIN, "dataset": dataset, **overrides})
+    hooks = RecordingHooks()
+    result = train(cfg, work_dir=root / "work", output_dir=root / "adapter", hooks=hooks, models_dir=models_dir)
+    return result, hooks
+
+
+@pytest.fixture(scope="session")
+def trained_run(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainResult, RecordingHooks]:
+    """The capitals training run: its TrainResult and the hooks that watched it."""
+    return train_sample_adapter(models_dir, tmp_path_factory.mktemp("adapter-capitals"), "sample:capitals")
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(trained_run: tuple[TrainResult, RecordingHooks]) -> Path:
+    """Adapter folder trained on sample:capitals."""
+    path = trained_run[0].adapter_dir
+    assert path is not None
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_adapter_continents(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Adapter folder trained on sample:continents (answers the capitals questions with a continent)."""
+    result, _ = train_sample_adapter(
+        models_dir, tmp_path_factory.mktemp("adapter-continents"), "sample:continents"
+    )
+    assert result.adapter_dir is not None
+    return result.adapter_dir

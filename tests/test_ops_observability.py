@@ -78,14 +78,13 @@ def _value(samples: dict[Any, float], name: str, **labels: str) -> float:
 
 def test_metrics_expose_jobs_queue_training_and_generation(client: TestClient) -> None:
     app: Any = client.app
-    with app.state.sessionmaker() as session:
-        queued = queue.NewJob(base_model="tiny-gpt-oss", dataset="sample:test", file_id=None, config={})
-        queue.create_job(session, queued)
     running = _start_job(client)
     _record_steps(client, running, [2.0, 1.5])
     finished = _start_job(client, worker="w-2")
     with app.state.sessionmaker() as session:
         queue.finish_succeeded(session, finished, "w-2", adapter_id="adp_test", backend="hf")
+        waiting = queue.NewJob(base_model="tiny-gpt-oss", dataset="sample:test", file_id=None, config={})
+        queue.create_job(session, waiting)
     before = _samples(client.get("/metrics").text)
     observe_generation(0.5, 40, "adp_metrics_test")
 
@@ -137,7 +136,8 @@ def test_small_body_passes_the_limit(client: TestClient) -> None:
 
 
 def test_uploads_have_their_own_larger_limit(client: TestClient) -> None:
-    row = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    row = json.dumps({"messages": chat})
     dataset = ("\n".join([row] * 40) + "\n").encode()  # over max_request_bytes, under max_upload_bytes
     assert 1024 < len(dataset) < 4096
 

@@ -53,13 +53,17 @@ def _resolve_path(source: str, data_dir: Path) -> Path:
         name = source.removeprefix("sample:")
         path = SAMPLES_DIR / f"{name}.jsonl"
         if not path.is_file():
-            raise DatasetError(0, "dataset", f"no bundled sample named {name!r}; choose one of {sample_names()}")
+            raise DatasetError(
+                0, "dataset", f"no bundled sample named {name!r}; choose one of {sample_names()}"
+            )
         return path
     path = Path(source).expanduser()
     if not path.is_absolute() and (Path(data_dir) / path).is_file():
         path = Path(data_dir) / path
     if not path.is_file():
-        raise DatasetError(0, "dataset", f"file {source!r} not found (give a JSONL path, sample:<name> or hf:<id>)")
+        raise DatasetError(
+            0, "dataset", f"file {source!r} not found (give a JSONL path, sample:<name> or hf:<id>)"
+        )
     return path
 
 
@@ -77,7 +81,9 @@ def _read_jsonl(path: Path, *, max_rows: int, max_bytes: int) -> list[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise DatasetError(number, "(json)", f"not valid JSON: {exc.msg} at column {exc.colno}") from None
+                raise DatasetError(
+                    number, "(json)", f"not valid JSON: {exc.msg} at column {exc.colno}"
+                ) from None
     return rows
 
 
@@ -114,7 +120,9 @@ def _optional_str(row: dict, key: str, number: int, prefix: str = "") -> str | N
 def _check_message(msg: Any, number: int, index: int) -> dict[str, Any]:
     where = f"messages[{index}]"
     if not isinstance(msg, dict):
-        raise DatasetError(number, where, f"must be an object with role and content, got {type(msg).__name__}")
+        raise DatasetError(
+            number, where, f"must be an object with role and content, got {type(msg).__name__}"
+        )
     role = msg.get("role")
     if role not in ROLES:
         raise DatasetError(number, f"{where}.role", f"must be one of {', '.join(ROLES)}")
@@ -134,7 +142,9 @@ def _chat_example(row: dict, number: int) -> Example:
     if not assistants:
         raise DatasetError(number, "messages", "needs at least one assistant message to learn from")
     if not checked[assistants[-1]]["content"].strip():
-        raise DatasetError(number, f"messages[{assistants[-1]}].content", "the last assistant answer is empty")
+        raise DatasetError(
+            number, f"messages[{assistants[-1]}].content", "the last assistant answer is empty"
+        )
     if not any(m["role"] == "user" for m in checked[: assistants[0]]):
         raise DatasetError(number, "messages", "needs a user message before the first assistant message")
     return Example(checked, developer=_optional_str(row, "developer", number))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import codecs
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Literal
@@ -31,7 +31,11 @@ REASONING_EFFORTS: tuple[str, ...] = ("low", "medium", "high")
 
 RETURN, CONSTRAIN, CHANNEL, START, END, MESSAGE, CALL = 200002, 200003, 200005, 200006, 200007, 200008, 200012
 STOP_TOKEN_IDS: tuple[int, ...] = (RETURN, CALL)
-_EFFORT = {"low": oh.ReasoningEffort.LOW, "medium": oh.ReasoningEffort.MEDIUM, "high": oh.ReasoningEffort.HIGH}
+_EFFORT = {
+    "low": oh.ReasoningEffort.LOW,
+    "medium": oh.ReasoningEffort.MEDIUM,
+    "high": oh.ReasoningEffort.HIGH,
+}
 _ROLES = {"user": oh.Role.USER, "assistant": oh.Role.ASSISTANT}
 
 
@@ -80,7 +84,9 @@ def _assistant_messages(msg: dict[str, Any], keep_thinking: bool) -> list[oh.Mes
     thinking = msg.get("thinking")
     if keep_thinking and thinking:
         out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, thinking).with_channel("analysis"))
-    out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, msg.get("content") or "").with_channel("final"))
+    out.append(
+        oh.Message.from_role_and_content(oh.Role.ASSISTANT, msg.get("content") or "").with_channel("final")
+    )
     return out
 
 
@@ -92,11 +98,15 @@ def _turn_messages(turns: Sequence[dict[str, Any]]) -> list[tuple[oh.Message, bo
     for i, turn in enumerate(turns):
         role = turn.get("role")
         if role not in _ROLES:
-            raise ValueError(f"messages[{i}].role must be one of user, assistant, system, developer; got {role!r}")
+            raise ValueError(
+                f"messages[{i}].role must be one of user, assistant, system, developer; got {role!r}"
+            )
         if role == "assistant":
             out += [(m, True) for m in _assistant_messages(turn, keep_thinking=i == last_assistant)]
         else:
-            out.append((oh.Message.from_role_and_content(oh.Role.USER, str(turn.get("content") or "")), False))
+            out.append(
+                (oh.Message.from_role_and_content(oh.Role.USER, str(turn.get("content") or "")), False)
+            )
     return out
 
 

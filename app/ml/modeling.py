@@ -10,10 +10,13 @@ Two backends behind ``load_base`` / ``apply_lora``:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +26,13 @@ from app.ml.tokenizer import HARMONY_DIRNAME, VOCAB_SIZE, atomic_build, ensure_h
 
 Backend = Literal["unsloth", "hf"]
 TINY_SEED = 1234
+# Bumped whenever the tiny model's weights change; part of its config, hence of its fingerprint, so an
+# adapter trained on an older tiny model is refused rather than silently misapplied.
+TINY_VERSION = 2
+# A random LM head at the usual std (0.02) caps every logit near 1 (the final RMSNorm fixes the hidden
+# norm at sqrt(64)), so no LoRA on attention/experts could make any token likely. A wider head lets
+# the tiny model learn visibly; std 0.3 allows logit margins of about 20.
+TINY_LM_HEAD_STD = 0.3
 # Attention projections are nn.Linear; the MoE experts are 3-D parameters PEFT reaches through
 # `target_parameters` (naming them in target_modules fails).
 ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -43,6 +53,7 @@ _FINGERPRINT_FIELDS = (
     "num_experts_per_tok",
     "sliding_window",
     "layer_types",
+    "tiny_version",
 )
 
 
@@ -76,6 +87,7 @@ def tiny_config() -> Any:
         bos_token_id=199998,
         eos_token_id=200002,
         pad_token_id=199999,
+        tiny_version=TINY_VERSION,
     )
 
 
@@ -109,7 +121,16 @@ def _copy_tokenizer(models_dir: Path, folder: Path) -> None:
         shutil.copy2(src / name, folder / name)
 
 
-def save_random_model(config: Any, folder: Path, models_dir: Path, *, seed: int, dtype: Any, device: str) -> None:
+def save_random_model(
+    config: Any,
+    folder: Path,
+    models_dir: Path,
+    *,
+    seed: int,
+    dtype: Any,
+    device: str,
+    lm_head_std: float | None = None,
+) -> None:
     """Build a randomly initialised GptOssForCausalLM (deterministic for a seed) and save it with the
     offline tokenizer and a generation config that stops on harmony's stop tokens."""
     import torch
@@ -117,7 +138,10 @@ def save_random_model(config: Any, folder: Path, models_dir: Path, *, seed: int,
 
     torch.manual_seed(seed)
     with torch.device(device):
-        model = GptOssForCausalLM(config).to(dtype)
+        model = GptOssForCausalLM(config)
+        if lm_head_std is not None:
+            model.lm_head.weight.data.normal_(0.0, lm_head_std)
+        model = model.to(dtype)
     model.generation_config = GenerationConfig(
         eos_token_id=[200002, 200012], pad_token_id=199999, bos_token_id=199998
     )
@@ -125,18 +149,37 @@ def save_random_model(config: Any, folder: Path, models_dir: Path, *, seed: int,
     _copy_tokenizer(models_dir, folder)
 
 
+def _tiny_version(folder: Path) -> int | None:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("tiny_version")
+    except (OSError, ValueError):
+        return None
+
+
 def ensure_tiny_model(models_dir: Path) -> Path:
-    """The tiny default model in ``<models_dir>/tiny-gpt-oss`` (built once, atomically)."""
+    """The tiny default model in ``<models_dir>/tiny-gpt-oss`` (built once, atomically; rebuilt when
+    an older TINY_VERSION is found)."""
     import torch
 
     folder = Path(models_dir) / TINY_MODEL_ID
-    if (folder / "config.json").is_file():
+    if _tiny_version(folder) == TINY_VERSION:
         return folder
     ensure_harmony_assets(models_dir)
+    if folder.exists():  # an older version: move it aside (open files stay valid) and rebuild
+        stale = folder.parent / f".{folder.name}.stale-{uuid.uuid4().hex[:8]}"
+        with contextlib.suppress(OSError):
+            os.rename(folder, stale)
+        shutil.rmtree(stale, ignore_errors=True)
     return atomic_build(
         folder,
         lambda tmp: save_random_model(
-            tiny_config(), tmp, models_dir, seed=TINY_SEED, dtype=torch.float32, device="cpu"
+            tiny_config(),
+            tmp,
+            models_dir,
+            seed=TINY_SEED,
+            dtype=torch.float32,
+            device="cpu",
+            lm_head_std=TINY_LM_HEAD_STD,
         ),
     )
 

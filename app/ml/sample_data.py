@@ -69,9 +69,7 @@ def _row(task: str, question: str, language: str, country: tuple[str, str, str])
 
 
 def build_rows(task: str, questions: list[str]) -> list[dict[str, Any]]:
-    return [
-        _row(task, q, lang, c) for c in COUNTRIES for lang in REASONING for q in questions
-    ]
+    return [_row(task, q, lang, c) for c in COUNTRIES for lang in REASONING for q in questions]
 
 
 def write_samples(folder: Path) -> list[Path]:

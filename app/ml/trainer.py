@@ -26,8 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.config import GPU_DEFAULT_MODEL_ID, TINY_MODEL_ID
 from app.ml.data import Example, dataset_fingerprint, encode_examples, load_rows, validate_rows
-from app.ml.tokenizer import ensure_harmony_assets
 from app.ml.modeling import ATTENTION_TARGETS, EXPERT_TARGETS, apply_lora, cuda_available, load_base
+from app.ml.tokenizer import ensure_harmony_assets
 
 MANIFEST = "manifest.json"
 
@@ -37,15 +37,21 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    base_model: str = Field("auto", description=f"'auto' = {GPU_DEFAULT_MODEL_ID} on CUDA else '{TINY_MODEL_ID}'")
+    base_model: str = Field(
+        "auto", description=f"'auto' = {GPU_DEFAULT_MODEL_ID} on CUDA else '{TINY_MODEL_ID}'"
+    )
     backend: Literal["auto", "unsloth", "hf"] = Field("auto", description="unsloth on CUDA+Unsloth, else hf")
     load_in_4bit: bool = Field(True, description="4-bit base weights on CUDA (ignored on CPU)")
     dataset: str = Field("sample:capitals", description="sample:<name>, a JSONL path, or hf:<dataset id>")
     eval_dataset: str | None = Field(None, description="held-out data, same forms as dataset")
-    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of dataset held out when no eval_dataset")
+    eval_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="share of dataset held out when no eval_dataset"
+    )
     max_rows: int = Field(100_000, ge=1, description="most rows a dataset may have")
     max_bytes: int = Field(100 * 1024 * 1024, ge=1, description="largest dataset file, bytes")
-    max_seq_length: int = Field(1024, ge=16, le=131072, description="longest tokenised row; longer rows are errors")
+    max_seq_length: int = Field(
+        1024, ge=16, le=131072, description="longest tokenised row; longer rows are errors"
+    )
     train_on_reasoning: bool = Field(True, description="also put loss on the analysis (reasoning) channel")
     reasoning_effort: Literal["low", "medium", "high"] = Field(
         "medium", description="'Reasoning:' level rendered for rows that do not set their own"
@@ -65,7 +71,9 @@ class TrainConfig(BaseModel):
     per_device_train_batch_size: int = Field(1, ge=1, description="rows per micro-batch")
     gradient_accumulation_steps: int = Field(4, ge=1, description="micro-batches per optimizer step")
     learning_rate: float = Field(2e-4, gt=0, description="peak learning rate")
-    lr_scheduler_type: str = Field("linear", description="transformers scheduler name (linear, cosine, constant...)")
+    lr_scheduler_type: str = Field(
+        "linear", description="transformers scheduler name (linear, cosine, constant...)"
+    )
     warmup_steps: int = Field(5, ge=0, description="linear warm-up steps")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
@@ -145,7 +153,9 @@ def _split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Ex
     random.Random(seed).shuffle(order)
     n_eval = max(1, int(len(examples) * fraction)) if fraction > 0 else 0
     held = set(order[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+    return [e for i, e in enumerate(examples) if i not in held], [
+        e for i, e in enumerate(examples) if i in held
+    ]
 
 
 def prepare_data(cfg: TrainConfig, data_dir: Path) -> PreparedData:
@@ -173,14 +183,36 @@ def prepare_data(cfg: TrainConfig, data_dir: Path) -> PreparedData:
 # --- trainer ---------------------------------------------------------------------------------------
 
 
+def _masked_lm_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any) -> Any:
+    """Next-token loss computed only where labels are kept: the LM head (201,088 columns) runs on
+    the completion positions instead of every position, which is most of a CPU step's cost."""
+    import torch.nn.functional as F
+
+    labels = inputs["labels"][:, 1:]
+    keep = (labels != -100).any(dim=0).nonzero().squeeze(-1)
+    forward = {k: v for k, v in inputs.items() if k != "labels"}
+    logits = model(**forward, logits_to_keep=keep, use_cache=False).logits
+    targets = labels[:, keep]
+    loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
+    return loss / torch_clamp_min(count)
+
+
+def torch_clamp_min(count: Any) -> Any:
+    import torch
+
+    return torch.as_tensor(count).clamp(min=1)
+
+
 def _trainer_class() -> type:
-    from transformers import Trainer
     from trl import SFTTrainer
 
     class ProjectSFTTrainer(SFTTrainer):
         """TRL 1.15's fused LM-head loss always calls a Triton kernel, which cannot run on CPU; off
-        CUDA, the loss comes from transformers.Trainer's plain compute_loss (same labels, same mean
-        over the unmasked tokens). Also counts the tokens trained on, for tokens/s."""
+        CUDA the loss is the same token-mean cross-entropy over the unmasked labels, computed by
+        ``_masked_lm_loss``. Also counts the tokens trained on, for tokens/s."""
 
         tokens_seen: int = 0
 
@@ -189,7 +221,8 @@ def _trainer_class() -> type:
                 self.tokens_seen += int(inputs["attention_mask"].sum().item())
             if cuda_available():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            loss = _masked_lm_loss(model, inputs, num_items_in_batch)
+            return (loss, {"loss": loss}) if return_outputs else loss
 
     return ProjectSFTTrainer
 
@@ -419,7 +452,9 @@ def train(
         hooks.on_log(f"resuming from {resume.name}")
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     metrics = _final_metrics(trainer)
-    result = TrainResult(None, callback.stopped, trainer.state.global_step, trainer.state.max_steps, loaded.backend)
+    result = TrainResult(
+        None, callback.stopped, trainer.state.global_step, trainer.state.max_steps, loaded.backend
+    )
     result.metrics = metrics
     if callback.stopped:
         hooks.on_log(f"stopped at step {result.global_step}; checkpoint kept for resume")

@@ -71,6 +71,9 @@ def render_png(job: Job, curve: LossCurve) -> bytes:
     fig = Figure(figsize=(8, 4.5), dpi=100)
     ax = fig.subplots()
     _draw(ax, curve)
+    if job.total_steps and (curve.train or curve.eval):
+        # The full planned run on the x axis: a running job's curve shows how far along it is.
+        ax.set_xlim(0, max(job.total_steps, *curve.train, *curve.eval))
     ax.set_title(_title(job), fontsize=10)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -1,0 +1,141 @@
+"""The jobs API against the real app and a real SQLite file (no worker: these jobs stay queued)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.fixtures_service import SMALL_TRAINING, all_events
+
+
+def submit(client: TestClient, **body: Any) -> dict[str, Any]:
+    body.setdefault("dataset", "sample:capitals")
+    body.setdefault("hyperparameters", SMALL_TRAINING)
+    response = client.post("/jobs", json=body)
+    assert response.status_code == 201, response.text
+    job: dict[str, Any] = response.json()
+    return job
+
+
+def test_submit_answers_queued_job_with_defaults(svc_client: TestClient) -> None:
+    job = submit(svc_client, suffix="pirate", seed=7, metadata={"team": "a"})
+    assert job["status"] == "queued"
+    assert job["base_model"] == "tiny-gpt-oss"  # Settings.resolved_base_model() off GPU
+    assert job["hyperparameters"]["seed"] == 7
+    assert job["hyperparameters"]["max_steps"] == SMALL_TRAINING["max_steps"]
+    assert job["hyperparameters"]["lora_r"] == 8  # TrainConfig's documented default
+    assert job["metadata"] == {"team": "a"} and job["name"] == "pirate"
+    assert job["queue_position"] == 1 and job["attempts"] == 0 and job["error"] is None
+    assert svc_client.get(f"/jobs/{job['id']}").json()["id"] == job["id"]
+
+
+def test_queue_position_follows_priority_then_age(svc_client: TestClient) -> None:
+    first, second = submit(svc_client), submit(svc_client)
+    urgent = submit(svc_client, priority=5)
+    positions = {j: svc_client.get(f"/jobs/{j}").json()["queue_position"] for j in (first["id"], second["id"])}
+    assert svc_client.get(f"/jobs/{urgent['id']}").json()["queue_position"] == 1
+    assert positions == {first["id"]: 2, second["id"]: 3}
+
+
+def test_idempotency_key_returns_the_first_job(svc_client: TestClient) -> None:
+    body = {"dataset": "sample:capitals", "hyperparameters": SMALL_TRAINING}
+    first = svc_client.post("/jobs", json=body, headers={"Idempotency-Key": "k-1"})
+    again = svc_client.post("/jobs", json=body, headers={"Idempotency-Key": "k-1"})
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json()["id"] == first.json()["id"]
+    other = svc_client.post("/jobs", json={**body, "seed": 1}, headers={"Idempotency-Key": "k-1"})
+    assert other.status_code == 409 and other.json()["error"]["field"] == "Idempotency-Key"
+    assert len(svc_client.get("/jobs").json()["data"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        ({}, 422, "dataset"),
+        ({"dataset": "sample:capitals", "hyperparameters": {"lora_r": 0}}, 422, "hyperparameters.lora_r"),
+        ({"dataset": "sample:capitals", "hyperparameters": {"learning_rate": -1}}, 422, "hyperparameters.learning_rate"),
+        ({"dataset": "sample:capitals", "hyperparameters": {"no_such_option": 1}}, 422, "hyperparameters.no_such_option"),
+        ({"dataset": "sample:capitals", "hyperparameters": {"dataset": "x"}}, 422, "hyperparameters.dataset"),
+        ({"dataset": "sample:capitals", "hyperparameters": {"max_rows": 10**9}}, 422, "hyperparameters.max_rows"),
+        ({"dataset": "sample:capitals", "hyperparameters": {"eval_dataset": "/etc/passwd"}}, 422,
+         "hyperparameters.eval_dataset"),
+        ({"dataset": "sample:no-such-sample"}, 422, "dataset"),
+        ({"dataset": "/etc/passwd"}, 422, "dataset"),
+        ({"dataset": "file_missing"}, 404, "dataset"),
+        ({"dataset": "sample:capitals", "priority": 11}, 422, "priority"),
+        ({"dataset": "sample:capitals", "suffix": "has space"}, 422, "suffix"),
+        ({"dataset": "sample:capitals", "seed": -1}, 422, "seed"),
+        ({"dataset": "sample:capitals", "metadata": {str(i): "v" for i in range(17)}}, 422, "metadata"),
+        ({"dataset": "sample:capitals", "surprise": True}, 422, "surprise"),
+    ],
+)
+def test_bad_job_requests_name_the_field(svc_client: TestClient, body: dict, status: int, field: str) -> None:
+    response = svc_client.post("/jobs", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["field"] == field
+    assert error["message"].startswith(f"{field}:") if status == 422 else "does not exist" in error["message"]
+
+
+def test_list_filters_by_status_and_pages_with_a_cursor(svc_client: TestClient) -> None:
+    ids = [submit(svc_client)["id"] for _ in range(5)]
+    svc_client.post(f"/jobs/{ids[0]}/cancel")
+    seen: list[str] = []
+    after = None
+    while True:
+        page = svc_client.get("/jobs", params={"limit": 2, **({"after": after} if after else {})}).json()
+        seen += [job["id"] for job in page["data"]]
+        if not page["has_more"]:
+            break
+        after = page["next_cursor"]
+    assert seen == ids[::-1]  # newest first, each exactly once
+    queued = svc_client.get("/jobs", params={"status": "queued"}).json()["data"]
+    assert sorted(job["id"] for job in queued) == sorted(ids[1:])
+    assert svc_client.get("/jobs", params={"status": "nonsense"}).json()["error"]["field"] == "status"
+
+
+def test_cancel_while_queued_is_immediate_and_final(svc_client: TestClient) -> None:
+    job = submit(svc_client)
+    cancelled = svc_client.post(f"/jobs/{job['id']}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert cancelled.json()["finished_at"] is not None and cancelled.json()["queue_position"] is None
+    again = svc_client.post(f"/jobs/{job['id']}/cancel")
+    assert again.status_code == 409 and "already cancelled" in again.json()["error"]["message"]
+    messages = [e["message"] for e in all_events(svc_client, job["id"], kind="status")]
+    assert messages == ["queued", "cancelled while queued"]
+
+
+def test_unknown_job_is_404_on_every_route(svc_client: TestClient) -> None:
+    for method, path in [("get", "/jobs/ftjob_nope"), ("post", "/jobs/ftjob_nope/cancel"),
+                         ("get", "/jobs/ftjob_nope/events"), ("get", "/jobs/ftjob_nope/checkpoints")]:
+        response = getattr(svc_client, method)(path)
+        assert response.status_code == 404, path
+        assert response.json()["error"]["code"] == "not_found"
+
+
+def test_adapters_listing_and_unknown_adapter(svc_client: TestClient) -> None:
+    assert svc_client.get("/adapters").json() == {"object": "list", "data": [], "has_more": False,
+                                                  "next_cursor": None}
+    missing = svc_client.get("/adapters/adp_nope")
+    assert missing.status_code == 404 and missing.json()["error"]["field"] == "adapter"
+    assert svc_client.delete("/adapters/adp_nope").status_code == 404
+
+
+def test_health_and_readiness(svc_client: TestClient) -> None:
+    assert svc_client.get("/healthz").json() == {"status": "ok"}
+    ready = svc_client.get("/readyz")
+    assert ready.status_code == 200
+    checks = ready.json()["checks"]
+    assert checks["database"]["ok"] and checks["migrations"]["current"] == checks["migrations"]["head"]
+
+
+def test_openapi_documents_the_routes_with_examples(svc_client: TestClient) -> None:
+    spec = svc_client.get("/openapi.json").json()
+    for path in ["/jobs", "/jobs/{job_id}", "/jobs/{job_id}/cancel", "/jobs/{job_id}/events",
+                 "/jobs/{job_id}/checkpoints", "/files", "/files/{file_id}", "/adapters", "/adapters/{ref}",
+                 "/healthz", "/readyz"]:
+        assert path in spec["paths"], path
+    assert spec["components"]["schemas"]["JobCreate"]["examples"]
+    assert svc_client.get("/docs").status_code == 200

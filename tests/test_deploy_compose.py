@@ -1,0 +1,177 @@
+"""What a careless edit of docker-compose.yml, the Dockerfile or .dockerignore would break.
+
+No Docker engine runs here (nor in CI), so these read the files: the services and their order, the
+one volume, the GPU reservations, the pinned GPU stack, and that every command they run names a
+module, script or file this project really has.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICES = ("migrate", "api", "worker")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return data
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
+
+
+def _args(dockerfile: list[tuple[str, str]]) -> dict[str, str]:
+    return dict(arg.split("=", 1) for kind, arg in dockerfile if kind == "ARG" and "=" in arg)
+
+
+def _pyproject() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _command(service: dict[str, Any]) -> list[str]:
+    command = service["command"]
+    return shlex.split(command) if isinstance(command, str) else list(command)
+
+
+# --- docker-compose.yml -------------------------------------------------------------------------------
+
+
+def test_services_and_start_order(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert set(SERVICES) <= set(services)
+    assert services["migrate"].get("restart", "no") == "no"
+    for name in ("api", "worker"):
+        assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        assert services[name]["restart"] in ("always", "unless-stopped", "on-failure")
+
+
+def test_all_services_share_one_data_volume(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    mounts = {name: [str(v).split(":") for v in services[name]["volumes"]] for name in SERVICES}
+    volumes = {tuple(m) for ms in mounts.values() for m in ms}
+    assert len(volumes) == 1, f"one volume for database, uploads, checkpoints, adapters, HF cache: {volumes}"
+    volume, target = next(iter(volumes))
+    assert volume in compose["volumes"]
+    for name in SERVICES:
+        env = services[name]["environment"]
+        assert env["GPTOSS_DATA_DIR"] == target
+        assert env["HF_HOME"].startswith(target + "/")
+        assert re.fullmatch(r"\$\{HF_TOKEN(:?-[^}]*)?\}", env["HF_TOKEN"]), "HF token from the environment"
+
+
+@pytest.mark.parametrize("name", ["api", "worker"])
+def test_gpu_reserved(compose: dict[str, Any], name: str) -> None:
+    devices = compose["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
+
+
+def test_service_commands_exist_in_the_project(compose: dict[str, Any]) -> None:
+    for name in SERVICES:
+        _check_command(_command(compose["services"][name]))
+
+
+def _check_command(argv: list[str]) -> None:
+    """Each command the image runs must resolve to this project's code."""
+    program = argv[0]
+    if program == "python" and argv[1] == "-m":
+        importlib.import_module(argv[2])
+    elif program == "uvicorn":
+        module, attr = argv[1].split(":")
+        factory = getattr(importlib.import_module(module), attr)
+        assert callable(factory) and "--factory" in argv
+    elif program == "alembic":
+        assert argv[1:] == ["upgrade", "head"]
+        assert (ROOT / "alembic.ini").is_file() and (ROOT / "migrations/env.py").is_file()
+        assert importlib.util.find_spec("alembic") is not None
+    else:
+        pytest.fail(f"unknown command in docker-compose.yml: {argv}")
+
+
+def test_api_port_matches_the_image(compose: dict[str, Any], dockerfile: list[tuple[str, str]]) -> None:
+    api = compose["services"]["api"]
+    container_ports = {str(p).rsplit(":", 1)[-1] for p in api["ports"]}
+    exposed = {arg for kind, arg in dockerfile if kind == "EXPOSE"}
+    command = _command(api)
+    assert container_ports == exposed == {command[command.index("--port") + 1]}
+    assert command[command.index("--host") + 1] == "0.0.0.0"  # reachable through the published port
+
+
+# --- Dockerfile --------------------------------------------------------------------------------------
+
+
+def test_image_is_cuda_and_runs_as_a_user(dockerfile: list[tuple[str, str]]) -> None:
+    base = next(arg for kind, arg in dockerfile if kind == "FROM")
+    image = base.replace("${CUDA_IMAGE}", _args(dockerfile).get("CUDA_IMAGE", ""))
+    assert image.startswith("nvidia/cuda:")
+    users = [arg for kind, arg in dockerfile if kind == "USER"]
+    assert users and users[-1] not in ("root", "0")
+
+
+def test_healthcheck_probes_healthz(dockerfile: list[tuple[str, str]]) -> None:
+    from app.api.routes.health import router
+
+    check = next(arg for kind, arg in dockerfile if kind == "HEALTHCHECK")
+    assert "/healthz" in check
+    assert "/healthz" in {getattr(route, "path", None) for route in router.routes}
+
+
+def test_pinned_gpu_stack_is_what_unsloth_accepts(dockerfile: list[tuple[str, str]]) -> None:
+    args = _args(dockerfile)
+    deps = {Requirement(d).name: Requirement(d) for d in _pyproject()["project"]["dependencies"]}
+    gpu = {
+        Requirement(d).name: Requirement(d) for d in _pyproject()["project"]["optional-dependencies"]["gpu"]
+    }
+    torch = Version(args["TORCH_VERSION"])
+    assert torch in deps["torch"].specifier and torch in SpecifierSet("<2.15")
+    for name, most in (("transformers", "5.17.0"), ("trl", "1.15.0")):
+        assert all(Version(s.version) <= Version(most) for s in deps[name].specifier), name
+    assert deps["datasets"].specifier.contains("4.8.5") and not deps["datasets"].specifier.contains("5.0.0")
+    assert {"unsloth", "bitsandbytes"} <= set(gpu)
+    assert any(kind == "RUN" and '".[gpu]"' in arg for kind, arg in dockerfile)
+    assert any(kind == "RUN" and "torch==${TORCH_VERSION}" in arg for kind, arg in dockerfile)
+
+
+def test_command_matches_the_compose_api(compose: dict[str, Any], dockerfile: list[tuple[str, str]]) -> None:
+    import json
+
+    cmd = json.loads(next(arg for kind, arg in dockerfile if kind == "CMD"))
+    assert cmd == _command(compose["services"]["api"])
+
+
+def test_copied_paths_exist_and_are_not_ignored(dockerfile: list[tuple[str, str]]) -> None:
+    ignored = _dockerignore()
+    for kind, arg in dockerfile:
+        if kind != "COPY":
+            continue
+        *sources, _dest = arg.split()
+        for source in sources:
+            assert (ROOT / source).exists(), f"Dockerfile copies {source}, which is not in the repository"
+            assert source.rstrip("/") not in ignored, f".dockerignore drops {source}, which the image needs"
+
+
+def _dockerignore() -> set[str]:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    return {line.strip().rstrip("/") for line in lines if line.strip() and not line.startswith("#")}
+
+
+def test_dockerignore_keeps_local_state_and_secrets_out() -> None:
+    assert {".git", ".venv", "data", ".env"} <= _dockerignore()

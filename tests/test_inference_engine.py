@@ -1,0 +1,220 @@
+"""The engine on the real tiny model: adapters hot-loaded on one base, batching that never mixes
+adapters and gives every row the tokens it gets alone, the LRU cache, refusals, the busy limit and
+giving the model back while a training job runs."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from app.exceptions import Busy, Conflict, NotFound
+from app.inference.engine import InferenceEngine, training_probe_from_db
+from app.inference.stream import _StopFilter
+from app.inference.types import AdapterSpec, SamplingParams
+from app.ml.harmony import parse_completion, render_prompt
+from tests.fixtures_inference import (
+    ANSWERS,
+    DEVELOPER,
+    QUESTION,
+    CollectingSink,
+    LiveServer,
+    TrainedAdapter,
+    copy_adapter,
+    inference_settings,
+)
+
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)
+
+
+def spec_for(server: LiveServer, task: str) -> AdapterSpec:
+    path = server.settings.adapters_dir / f"adp_{task}"
+    return AdapterSpec(f"adp_{task}", task, path, server.engine.fingerprint)
+
+
+def prompt(question: str = QUESTION) -> list[int]:
+    return render_prompt([{"role": "user", "content": question}], developer=DEVELOPER, reasoning_effort="low")
+
+
+def run(
+    engine: InferenceEngine, ids: list[int], adapter: AdapterSpec | None, params: SamplingParams = GREEDY
+) -> list[int]:
+    sink = CollectingSink()
+    engine.submit(ids, params, sink, adapter)
+    return sink.wait()
+
+
+def test_adapters_answer_like_their_own_training(inference_server: LiveServer) -> None:
+    engine = inference_server.engine
+    answers = {
+        task: parse_completion(run(engine, prompt(), spec_for(inference_server, task))) for task in ANSWERS
+    }
+    base = run(engine, prompt(), None)
+    for task, expected in ANSWERS.items():
+        assert expected in answers[task].content, (task, answers[task])
+    assert answers["capitals"].content != answers["continents"].content
+    assert parse_completion(base).content != answers["capitals"].content
+
+
+def test_switching_adapters_back_and_forth_gives_identical_answers(inference_server: LiveServer) -> None:
+    engine = inference_server.engine
+    order = ["capitals", "continents", None, "capitals", None, "continents", "capitals"]
+    seen: dict[str | None, set[tuple[int, ...]]] = {}
+    for task in order:
+        spec = spec_for(inference_server, task) if task else None
+        seen.setdefault(task, set()).add(tuple(run(engine, prompt(), spec)))
+    assert all(len(outputs) == 1 for outputs in seen.values()), seen
+    assert len({next(iter(outputs)) for outputs in seen.values()}) == 3  # three different models
+
+
+def test_16_concurrent_mixed_requests_each_get_their_solo_answer(inference_server: LiveServer) -> None:
+    engine = inference_server.engine
+    questions = [QUESTION, "Name the capital city of France.", "Tell me about Paris and its history, please."]
+    tasks: list[str | None] = ["capitals", "continents", None]
+    rng = random.Random(7)
+    jobs = [(rng.choice(tasks), rng.choice(questions)) for _ in range(16)]
+    # Different prompt lengths in one batch exercise the left padding; one seeded sampled row checks
+    # that per-row generators make sampling independent of batch neighbours too.
+    params = [GREEDY] * 15 + [SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=11)]
+    solo = [
+        run(engine, prompt(q), spec_for(inference_server, t) if t else None, p)
+        for (t, q), p in zip(jobs, params)
+    ]
+    sinks = [CollectingSink() for _ in jobs]
+    for (task, question), p, sink in zip(jobs, params, sinks, strict=True):
+        engine.submit(prompt(question), p, sink, spec_for(inference_server, task) if task else None)
+    together = [sink.wait() for sink in sinks]
+    assert together == solo
+    assert len({tuple(t) for t in together}) > 3  # not all the same answer
+
+
+def test_adapter_for_another_base_is_refused_not_applied(
+    inference_server: LiveServer, task_adapters: dict[str, TrainedAdapter], tmp_path: Path
+) -> None:
+    engine = inference_server.engine
+    foreign = AdapterSpec("adp_foreign", "foreign", task_adapters["capitals"].path, "f" * 64)
+    with pytest.raises(Conflict, match="another base model"):
+        engine.check_adapter(foreign)
+    # The row may claim the right base, but the manifest on disk is the last word.
+    folder = copy_adapter(task_adapters["capitals"], tmp_path / "lying", fingerprint="e" * 64)
+    lying = AdapterSpec("adp_lying", "lying", folder, engine.fingerprint)
+    with pytest.raises(Conflict, match="another base model"):
+        run(engine, prompt(), lying)
+    assert "adp_lying" not in engine.loaded_adapters()
+
+
+def test_adapter_whose_files_are_gone_is_not_found(inference_server: LiveServer, tmp_path: Path) -> None:
+    gone = AdapterSpec("adp_gone", "gone", tmp_path / "nothing-here", inference_server.engine.fingerprint)
+    with pytest.raises(NotFound, match="no files"):
+        run(inference_server.engine, prompt(), gone)
+
+
+def test_stop_filter_holds_back_a_possible_stop_string() -> None:
+    stops = _StopFilter(["END"])
+    sent = [stops.feed("Paris E"), stops.feed("N"), stops.feed("D and more")]
+    assert sent == ["Paris", " ", ""]  # "E", then "EN", might be the start of "END"
+    assert stops.hit and stops.flush() == ""
+    free = _StopFilter(["END"])
+    assert free.feed("Paris E") + free.feed("x") + free.flush() == "Paris Ex"
+    assert not free.hit
+
+
+@pytest.fixture
+def small_engine(
+    tmp_path: Path, models_dir: Path, task_adapters: dict[str, TrainedAdapter]
+) -> tuple[InferenceEngine, dict[str, AdapterSpec]]:
+    """A second engine with a two-slot cache (capitals pinned) and room for two requests."""
+    settings = inference_settings(
+        tmp_path / "data",
+        models_dir,
+        adapter_cache_size=2,
+        pinned_adapters=["adp_a"],
+        max_concurrent_generations=2,
+    )
+    engine = InferenceEngine(settings)
+    engine.start()
+    fp = engine.fingerprint
+    specs = {
+        name: AdapterSpec(f"adp_{name}", name, copy_adapter(task_adapters[task], tmp_path / name), fp)
+        for name, task in [("a", "capitals"), ("b", "continents"), ("c", "continents")]
+    }
+    yield engine, specs  # type: ignore[misc]
+    engine.close()
+
+
+def test_lru_cache_evicts_least_recent_keeps_pinned_and_unloads(
+    small_engine: tuple[InferenceEngine, dict[str, AdapterSpec]],
+) -> None:
+    engine, specs = small_engine
+    first = {name: run(engine, prompt(), spec) for name, spec in specs.items()}  # a, b, c: b is evicted
+    assert engine.loaded_adapters() == ["adp_a", "adp_c"]
+    assert run(engine, prompt(), specs["b"]) == first["b"]  # reloaded from disk, same answer; c evicted
+    assert engine.loaded_adapters() == ["adp_a", "adp_b"]
+    engine.unload("adp_a")  # an explicit unload (DELETE /adapters) also drops pinned ones
+    engine.unload("adp_a")  # idempotent
+    assert engine.loaded_adapters() == ["adp_b"]
+    engine.unload("adp_b")  # the last one: the plain base is served again
+    assert engine.loaded_adapters() == []
+    assert run(engine, prompt(), None) == run(engine, prompt(), None)
+    assert run(engine, prompt(), specs["a"]) == first["a"]
+
+
+def test_full_engine_answers_busy_instead_of_queueing(
+    small_engine: tuple[InferenceEngine, dict[str, AdapterSpec]],
+) -> None:
+    engine, _ = small_engine
+    long = SamplingParams(max_new_tokens=200, temperature=0.0)
+    sinks = [CollectingSink(), CollectingSink()]
+    for sink in sinks:
+        engine.submit(prompt(), long, sink)
+    with pytest.raises(Busy, match="max_concurrent_generations") as err:
+        engine.submit(prompt(), long, CollectingSink())
+    assert err.value.retry_after >= 1
+    assert [len(s.wait()) for s in sinks] == [200, 200]
+    assert run(engine, prompt(), None)  # room again once they finished
+
+
+def test_model_is_released_while_a_training_job_runs(tmp_path: Path, models_dir: Path) -> None:
+    from sqlalchemy import update
+
+    from app.db import make_engine, make_sessionmaker, upgrade_to_head
+    from app.models import Job
+
+    settings = inference_settings(
+        tmp_path / "data", models_dir, release_gpu_during_training=True, release_poll_s=0.05
+    )
+    upgrade_to_head(settings)
+    sessions = make_sessionmaker(make_engine(settings))
+    with sessions() as session:
+        session.add(
+            Job(
+                id="ftjob_1",
+                status="running",
+                base_model="tiny-gpt-oss",
+                dataset="sample:capitals",
+                config={},
+            )
+        )
+        session.commit()
+    engine = InferenceEngine(settings, training_probe=training_probe_from_db(settings))
+    engine.start()
+    try:
+        _wait_for(lambda: not engine.is_ready())
+        with pytest.raises(Busy, match="training job"):
+            engine.submit(prompt(), GREEDY, CollectingSink())
+        with sessions() as session:
+            session.execute(update(Job).where(Job.id == "ftjob_1").values(status="succeeded"))
+            session.commit()
+        _wait_for(engine.is_ready)
+        assert run(engine, prompt(), None)
+    finally:
+        engine.close()
+
+
+def _wait_for(condition, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.05)

@@ -1,0 +1,129 @@
+"""The queue's guarded statements, straight against a real SQLite file (no training here)."""
+
+from __future__ import annotations
+
+import multiprocessing
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import update
+
+from app import queue
+from app.config import Settings
+from app.db import make_engine, make_sessionmaker, upgrade_to_head, utcnow
+from app.exceptions import TransitionError
+from app.models import Job
+
+
+def _new_jobs(settings: Settings, count: int, **fields: object) -> list[str]:
+    sessions = make_sessionmaker(make_engine(settings))
+    ids = []
+    with sessions() as session:
+        for _ in range(count):
+            new = queue.NewJob(base_model="tiny-gpt-oss", dataset="sample:capitals", file_id=None, config={},
+                               **fields)  # type: ignore[arg-type]
+            ids.append(queue.create_job(session, new)[0].id)
+    return ids
+
+
+def _claim_all(settings: Settings, worker_id: str, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    """One competing worker: claim until the queue is empty."""
+    engine = make_engine(settings)
+    claimed = []
+    while (job := queue.claim_next(engine, worker_id, lease_s=60)) is not None:
+        claimed.append(job.id)
+    out.put((worker_id, claimed))
+
+
+def test_many_workers_claim_each_job_exactly_once(svc_settings: Settings) -> None:
+    upgrade_to_head(svc_settings)
+    ids = _new_jobs(svc_settings, 60)
+    ctx = multiprocessing.get_context("fork")
+    out: multiprocessing.Queue = ctx.Queue()  # type: ignore[type-arg]
+    procs = [ctx.Process(target=_claim_all, args=(svc_settings, f"w{i}", out)) for i in range(4)]
+    for proc in procs:
+        proc.start()
+    results = dict(out.get(timeout=120) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=30)
+    claimed = [job_id for jobs in results.values() for job_id in jobs]
+    assert sorted(claimed) == sorted(ids)  # every job once: none lost, none twice
+    with make_sessionmaker(make_engine(svc_settings))() as session:
+        for worker_id, jobs in results.items():
+            for job_id in jobs:
+                job = queue.get_job(session, job_id)
+                assert (job.status, job.worker_id, job.attempts) == ("running", worker_id, 1)
+
+
+def test_claim_order_is_priority_then_age(svc_settings: Settings) -> None:
+    upgrade_to_head(svc_settings)
+    old, new = _new_jobs(svc_settings, 2)
+    (urgent,) = _new_jobs(svc_settings, 1, priority=3)
+    engine = make_engine(svc_settings)
+    order = [queue.claim_next(engine, "w", 60) for _ in range(4)]
+    assert [job.id if job else None for job in order] == [urgent, old, new, None]
+
+
+def test_expired_lease_is_requeued_then_failed_after_max_attempts(svc_settings: Settings) -> None:
+    upgrade_to_head(svc_settings)
+    (job_id,) = _new_jobs(svc_settings, 1, max_attempts=2)
+    engine = make_engine(svc_settings)
+    sessions = make_sessionmaker(engine)
+
+    def claim_and_expire(worker: str) -> None:
+        assert queue.claim_next(engine, worker, 60) is not None
+        with sessions() as session:
+            assert queue.requeue_expired(session) == []  # a live lease is left alone
+            session.execute(update(Job).values(lease_until=utcnow() - timedelta(seconds=1)))
+            session.commit()
+
+    claim_and_expire("dead-1")
+    with sessions() as session:
+        assert queue.requeue_expired(session) == [(job_id, "queued")]
+        with pytest.raises(TransitionError):  # the dead worker cannot finish a job it lost
+            queue.finish_succeeded(session, job_id, "dead-1", adapter_id="adp_x", backend="hf")
+    claim_and_expire("dead-2")
+    with sessions() as session:
+        assert queue.requeue_expired(session) == [(job_id, "failed")]
+        job = queue.get_job(session, job_id)
+        assert (job.attempts, job.error_code) == (2, "worker_lost")
+        assert "no attempts left" in (job.error_message or "")
+
+
+def test_transitions_are_guarded_on_status_and_owner(svc_settings: Settings) -> None:
+    upgrade_to_head(svc_settings)
+    (job_id,) = _new_jobs(svc_settings, 1)
+    engine = make_engine(svc_settings)
+    sessions = make_sessionmaker(engine)
+    with sessions() as session, pytest.raises(TransitionError):
+        queue.finish_failed(session, job_id, "w1", code="x", message="queued jobs cannot fail")
+    assert queue.claim_next(engine, "w1", 60) is not None
+    with sessions() as session:
+        with pytest.raises(TransitionError):
+            queue.heartbeat(session, job_id, "someone-else", 60)
+        assert queue.heartbeat(session, job_id, "w1", 60) is False
+        queue.request_cancel(session, job_id)
+        assert queue.heartbeat(session, job_id, "w1", 60) is True  # the worker learns of the cancel
+        queue.finish_cancelled(session, job_id, "w1")
+        with pytest.raises(TransitionError):
+            queue.finish_succeeded(session, job_id, "w1", adapter_id="adp_x", backend="hf")
+        assert queue.get_job(session, job_id).status == "cancelled"
+
+
+def test_resumed_steps_replace_the_abandoned_attempts_records(svc_settings: Settings) -> None:
+    upgrade_to_head(svc_settings)
+    (job_id,) = _new_jobs(svc_settings, 1)
+    engine = make_engine(svc_settings)
+    sessions = make_sessionmaker(engine)
+    queue.claim_next(engine, "w1", 60)
+    with sessions() as session:
+        for step in (1, 2, 3):
+            assert queue.record_step(session, job_id, "w1", 1, {"step": step, "loss": 1.0 / step})
+        assert not queue.record_step(session, job_id, "intruder", 1, {"step": 4, "loss": 0.1})
+        # Attempt 2 resumed from the checkpoint at step 2: step 3 is done again.
+        session.execute(update(Job).values(worker_id="w2", attempts=2))
+        session.commit()
+        assert queue.record_step(session, job_id, "w2", 2, {"step": 3, "loss": 0.3})
+        events, _ = queue.list_events(session, job_id, after=0, limit=100, kind="metrics")
+        assert [(e.step, e.attempt) for e in events] == [(1, 1), (2, 1), (3, 2)]
+        assert queue.get_job(session, job_id).train_loss == 0.3
