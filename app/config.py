@@ -36,7 +36,8 @@ class Settings(BaseSettings):
         None, description="SQLAlchemy URL; default sqlite:///<data_dir>/service.db"
     )
     models_dir: Path | None = Field(
-        None, description="Generated models (the tiny default) and the offline tokenizer; default <data_dir>/models"
+        None,
+        description="Generated models (the tiny default) and the offline tokenizer; default <data_dir>/models",
     )
 
     # --- model ---------------------------------------------------------------------------------
@@ -76,10 +77,15 @@ class Settings(BaseSettings):
     )
     load_model_on_start: bool = Field(True, description="Load the base model when the API starts.")
     batch_window_ms: float = Field(
-        5.0, ge=0, le=1000, description="How long the engine waits for requests arriving together to share a batch."
+        5.0,
+        ge=0,
+        le=1000,
+        description="How long the engine waits for requests arriving together to share a batch.",
     )
     release_poll_s: float = Field(
-        2.0, gt=0, description="With release_gpu_during_training: how often the engine looks for running jobs."
+        2.0,
+        gt=0,
+        description="With release_gpu_during_training: how often the engine looks for running jobs.",
     )
 
     # --- worker --------------------------------------------------------------------------------------

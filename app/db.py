@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -96,10 +97,15 @@ def downgrade_to(settings: Settings, revision: str) -> None:
     command.downgrade(_alembic_config(settings), revision)
 
 
-def head_revision(settings: Settings) -> str | None:
+@lru_cache(maxsize=1)
+def head_revision() -> str | None:
+    """The newest migration in this checkout (fixed for the life of the process)."""
+    from alembic.config import Config
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory.from_config(_alembic_config(settings)).get_current_head()
+    cfg = Config()
+    cfg.set_main_option("script_location", str(ROOT / "migrations"))
+    return ScriptDirectory.from_config(cfg).get_current_head()
 
 
 def current_revision(engine: Engine) -> str | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -190,13 +191,27 @@ def _gpu_memory() -> Iterator[Metric]:
     torch = sys.modules.get("torch")
     if torch is None or not torch.cuda.is_available():
         return
-    allocated = GaugeMetricFamily("gptoss_gpu_memory_allocated_bytes", "Tensor memory.", labels=["device"])
-    reserved = GaugeMetricFamily("gptoss_gpu_memory_reserved_bytes", "Allocator reserve.", labels=["device"])
+    families = {
+        "allocated": GaugeMetricFamily(
+            "gptoss_gpu_memory_allocated_bytes", "GPU memory in the API's tensors.", labels=["device"]
+        ),
+        "reserved": GaugeMetricFamily(
+            "gptoss_gpu_memory_reserved_bytes", "GPU memory held by the API's allocator.", labels=["device"]
+        ),
+        # Device-wide, so a training worker's share (another process) shows too.
+        "used": GaugeMetricFamily(
+            "gptoss_gpu_memory_used_bytes", "GPU memory in use by all processes.", labels=["device"]
+        ),
+        "total": GaugeMetricFamily("gptoss_gpu_memory_total_bytes", "GPU memory in all.", labels=["device"]),
+    }
     for index in range(torch.cuda.device_count()):
-        allocated.add_metric([str(index)], torch.cuda.memory_allocated(index))
-        reserved.add_metric([str(index)], torch.cuda.memory_reserved(index))
-    yield allocated
-    yield reserved
+        free, total = torch.cuda.mem_get_info(index)
+        device = [str(index)]
+        families["allocated"].add_metric(device, torch.cuda.memory_allocated(index))
+        families["reserved"].add_metric(device, torch.cuda.memory_reserved(index))
+        families["used"].add_metric(device, total - free)
+        families["total"].add_metric(device, total)
+    yield from families.values()
 
 
 def metrics_response(request: Request) -> Response:
@@ -210,8 +225,13 @@ def metrics_response(request: Request) -> Response:
 # Logs
 # --------------------------------------------------------------------------------------------------
 
-# Attributes every LogRecord has; anything else on a record came from `extra=` and is logged as a field.
-_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+# Attributes every LogRecord has; anything else on a record came from `extra=` and is logged as a field
+# (but uvicorn's terminal-coloured copy of the message, which would only be noise).
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "color_message",
+}
 
 
 class JsonFormatter(logging.Formatter):
@@ -282,6 +302,24 @@ def configure_logging(settings: Settings, *, stream: IO[str] | None = None) -> N
         logging.getLogger(name).propagate = True
     # Our middleware writes the access line, with the request id; uvicorn's own would be a duplicate.
     logging.getLogger("uvicorn.access").disabled = True
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # a line per plugin, every start
+    if settings.log_json:
+        _disable_progress_bars()
+
+
+def _disable_progress_bars() -> None:
+    """Hugging Face's tqdm bars redraw a line with carriage returns, which would break a stream of one
+    JSON object per line. The variable reaches child processes and libraries imported later; the
+    calls cover those already imported."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 @contextmanager
@@ -393,7 +431,7 @@ def _record_request(scope: Scope, status: int, duration_s: float) -> None:
 
 # Uploads get max_upload_bytes plus room for the multipart framing; the files route checks the file's
 # exact size itself, with its own message. Every other body gets max_request_bytes.
-UPLOAD_PATHS = ("/files", "/v1/files")
+UPLOAD_PATHS = ("/files",)
 MULTIPART_SLACK_BYTES = 64 * 1024
 
 

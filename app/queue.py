@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,9 +23,11 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import immediate_session, utcnow
 from app.exceptions import Conflict, DatasetInvalid, InvalidInput, NotFound, TransitionError
+from app.ml.data import DatasetError, load_rows, sample_names, validate_rows
 from app.models import FileRecord, Job, JobEvent
 
 FINAL_STATUSES = ("succeeded", "failed", "cancelled")
+HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 # --- creation ---------------------------------------------------------------------------------------
@@ -428,8 +431,14 @@ def resolve_dataset(session: Session, dataset: str) -> tuple[str, str | None]:
         if record is None:
             raise NotFound(f"file {dataset!r} does not exist; upload it with POST /files", field="dataset")
         return record.path, record.id
-    if dataset.startswith(("sample:", "hf:")):
+    if dataset.startswith("sample:"):
         return dataset, None
+    if dataset.startswith("hf:"):
+        if not HF_ID.fullmatch(dataset.removeprefix("hf:")):
+            raise InvalidInput("dataset", "hf:<dataset id> needs an id like owner/name")
+        return dataset, None
+    if dataset in sample_names():
+        return f"sample:{dataset}", None
     raise InvalidInput("dataset", "must be an uploaded file id (file_...), sample:<name> or hf:<dataset id>")
 
 
@@ -439,8 +448,6 @@ def validate_dataset_file(path: Path, settings: Settings) -> int:
 
 
 def load_dataset(source: str, settings: Settings, *, field: str = "dataset") -> list[Any]:
-    from app.ml.data import DatasetError, load_rows, validate_rows
-
     try:
         rows = load_rows(
             source,

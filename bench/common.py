@@ -98,7 +98,9 @@ def run_header() -> dict[str, Any]:
 def _git_rev() -> str | None:
     # The device machine gets a copy of the tree without .git; the driver passes GIT_REV instead.
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        )
     except OSError:
         return None
     return out.stdout.strip() or None

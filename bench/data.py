@@ -14,12 +14,90 @@ from typing import Any
 
 # Short common words: almost always one token each with their leading space in o200k, so the
 # rendered length grows by one per word and a target length can be hit exactly.
-WORDS = (
-    "the of and to in is was for on that with as by at from his her are were which this be or "
-    "have had not but one all they an you their has been more when who will no if out so said "
-    "what up its about into than them can only other new some could time these two may then do "
-    "first any my now such like our over man me even most made after also did many before must"
-).split()
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "his",
+    "her",
+    "are",
+    "were",
+    "which",
+    "this",
+    "be",
+    "or",
+    "have",
+    "had",
+    "not",
+    "but",
+    "one",
+    "all",
+    "they",
+    "an",
+    "you",
+    "their",
+    "has",
+    "been",
+    "more",
+    "when",
+    "who",
+    "will",
+    "no",
+    "if",
+    "out",
+    "so",
+    "said",
+    "what",
+    "up",
+    "its",
+    "about",
+    "into",
+    "than",
+    "them",
+    "can",
+    "only",
+    "other",
+    "new",
+    "some",
+    "could",
+    "time",
+    "these",
+    "two",
+    "may",
+    "then",
+    "do",
+    "first",
+    "any",
+    "my",
+    "now",
+    "such",
+    "like",
+    "our",
+    "over",
+    "man",
+    "me",
+    "even",
+    "most",
+    "made",
+    "after",
+    "also",
+    "did",
+    "many",
+    "before",
+    "must",
+]
 
 Row = dict[str, Any]
 
@@ -67,8 +145,10 @@ def uneven_rows(n: int, min_len: int, max_len: int, seed: int = 0) -> list[Row]:
     for _ in range(n):
         target = int(min_len * (max_len / min_len) ** rng.random())
         user = [rng.choice(WORDS) for _ in range(8)]
-        answer = [rng.choice(WORDS) for _ in range(max(1, target - 40))]
-        rows.append({"messages": _messages(user, answer, "ok")})
+        answer = [rng.choice(WORDS) for _ in range(target)]
+        excess = rendered_length(_messages(user, answer, "ok")) - target
+        # one word is one token here, so trimming the excess lands on the target (never above max_len)
+        rows.append({"messages": _messages(user, answer[: max(1, target - max(excess, 0))], "ok")})
     return rows
 
 

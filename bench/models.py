@@ -58,7 +58,9 @@ def ensure_random_model(models_dir: Path, *, full: bool, seed: int = 0) -> Path:
     started = time.perf_counter()
     atomic_build(
         folder,
-        lambda tmp: save_random_model(config, tmp, models_dir, seed=seed, dtype=torch.bfloat16, device=device),
+        lambda tmp: save_random_model(
+            config, tmp, models_dir, seed=seed, dtype=torch.bfloat16, device=device
+        ),
     )
     print(f"built {folder} in {time.perf_counter() - started:.1f} s", flush=True)
     return folder

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,18 +48,25 @@ def train_task_adapter(task: str, root: Path, models_dir: Path) -> TrainedAdapte
 
     data = root / f"{task}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _task_rows(task)))
-    cfg = TrainConfig(
-        base_model="tiny-gpt-oss",
-        backend="hf",
-        dataset=str(data),
-        max_steps=12,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=1,
-        learning_rate=1e-1,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        save_steps=1000,
-        max_seq_length=256,
+    cfg = TrainConfig.model_validate(
+        {
+            "base_model": "tiny-gpt-oss",
+            "backend": "hf",
+            "dataset": str(data),
+            # A high LoRA scale and learning rate: the random tiny base has to learn a fixed answer
+            # in a dozen steps; the decaying schedule lets it settle at the end.
+            "lora_r": 16,
+            "lora_alpha": 64,
+            "max_grad_norm": 0.5,
+            "max_steps": 12,
+            "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 1e-2,
+            "lr_scheduler_type": "linear",
+            "warmup_steps": 0,
+            "save_steps": 1000,
+            "max_seq_length": 256,
+        }
     )
     result = train(cfg, work_dir=root / f"work-{task}", output_dir=root / task, models_dir=models_dir)
     assert result.adapter_dir is not None
@@ -178,3 +186,52 @@ class CollectingSink:
         if self.error is not None:
             raise self.error
         return self.tokens
+
+
+@pytest.fixture(scope="session")
+def reference_models(models_dir: Path, task_adapters: dict[str, TrainedAdapter]) -> dict[str | None, Any]:
+    """Each adapter alone on its own fresh copy of the base (plus the bare base), outside the engine:
+    what the engine answers must be exactly what these answer."""
+    from peft import PeftModel
+
+    from app.ml.modeling import load_base
+
+    def base() -> Any:
+        return load_base("tiny-gpt-oss", backend="hf", models_dir=models_dir, for_training=False).model
+
+    models: dict[str | None, Any] = {None: base()}
+    for task, adapter in task_adapters.items():
+        models[task] = PeftModel.from_pretrained(base(), str(adapter.path)).eval()
+    return models
+
+
+def reference_greedy(model: Any, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy generate, stop token removed (the engine reports it as finish_reason)."""
+    import torch
+
+    from app.ml.harmony import STOP_TOKEN_IDS
+
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=list(STOP_TOKEN_IDS),
+            pad_token_id=STOP_TOKEN_IDS[0],
+        )
+    new = out[0, len(prompt_ids) :].tolist()
+    return new[:-1] if new and new[-1] in STOP_TOKEN_IDS else new
+
+
+def completion_logprob(model: Any, messages: list[dict[str, Any]]) -> float:
+    """log p(the assistant's trained tokens | the rest), as the trainer's loss sees them."""
+    import torch
+
+    from app.ml.harmony import render_training
+
+    ids, mask = render_training(messages, developer=DEVELOPER, reasoning_effort="medium")
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+    logp = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
+    return float((logp * torch.tensor(mask[1:], dtype=torch.float32)).sum())

@@ -8,12 +8,20 @@ differently. Each is an adapter folder (PEFT weights + config, tokenizer, manife
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from app.ml.trainer import TrainConfig, TrainResult, train
+
+# One intra-op thread: the tiny model's matrices are too small to gain from two threads, and when
+# several processes share the 2 cores (API + worker + test), OpenMP's spinning threads make every
+# op 5-10x slower. Subprocesses (workers) inherit the env variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Small enough for 2 CPU cores, large enough that the tiny model learns the harmony structure.
 FIXTURE_TRAIN = {
@@ -39,6 +47,7 @@ class RecordingHooks:
         self.steps: list[dict[str, Any]] = []
         self.lines: list[str] = []
         self.checkpoints: list[tuple[int, Path]] = []
+        self.stop_checks = 0
 
     def on_start(self, total_steps: int) -> None:
         self.total_steps = total_steps
@@ -53,8 +62,8 @@ class RecordingHooks:
         self.checkpoints.append((step, path))
 
     def should_stop(self) -> bool:
-        done = [m["step"] for m in self.steps if m.get("loss") is not None]
-        return self.stop_after is not None and bool(done) and done[-1] >= self.stop_after
+        self.stop_checks += 1  # asked once per optimizer step, after the step
+        return self.stop_after is not None and self.stop_checks >= self.stop_after
 
     @property
     def losses(self) -> list[tuple[int, float]]:
@@ -66,12 +75,16 @@ def train_sample_adapter(
 ) -> tuple[TrainResult, RecordingHooks]:
     cfg = TrainConfig(**{**FIXTURE_TRAIN, "dataset": dataset, **overrides})
     hooks = RecordingHooks()
-    result = train(cfg, work_dir=root / "work", output_dir=root / "adapter", hooks=hooks, models_dir=models_dir)
+    result = train(
+        cfg, work_dir=root / "work", output_dir=root / "adapter", hooks=hooks, models_dir=models_dir
+    )
     return result, hooks
 
 
 @pytest.fixture(scope="session")
-def trained_run(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainResult, RecordingHooks]:
+def trained_run(
+    models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[TrainResult, RecordingHooks]:
     """The capitals training run: its TrainResult and the hooks that watched it."""
     return train_sample_adapter(models_dir, tmp_path_factory.mktemp("adapter-capitals"), "sample:capitals")
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # forward (see FACTS.md), which the end-to-end tests do not need to prove the service works.
 SMALL_TRAINING: dict[str, Any] = {
     "max_steps": 4,
-    "save_steps": 2,
+    "save_steps": 4,
     "gradient_accumulation_steps": 1,
     "per_device_train_batch_size": 1,
     "warmup_steps": 0,
@@ -61,7 +61,9 @@ def free_port() -> int:
 def svc_server(svc_settings: Settings) -> Iterator[str]:
     """uvicorn serving create_app(settings) on a free 127.0.0.1 port; yields the base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(svc_settings), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(svc_settings), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -102,8 +104,11 @@ def start_worker(svc_settings: Settings, tmp_path: Path) -> Iterator[StartWorker
     def start(*args: str, **env: str) -> subprocess.Popen[bytes]:
         log = open(tmp_path / f"worker-{len(procs)}.log", "wb")  # noqa: SIM115 - lives as long as the process
         proc = subprocess.Popen(
-            [sys.executable, "-m", "workers.worker", *args], cwd=ROOT, env=worker_env(svc_settings, **env),
-            stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "workers.worker", *args],
+            cwd=ROOT,
+            env=worker_env(svc_settings, **env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         procs.append(proc)
         return proc
@@ -132,7 +137,9 @@ def job_status(http: httpx.Client | TestClient, job_id: str) -> dict[str, Any]:
     return body
 
 
-def wait_status(http: httpx.Client | TestClient, job_id: str, *statuses: str, timeout: float = 150) -> dict[str, Any]:
+def wait_status(
+    http: httpx.Client | TestClient, job_id: str, *statuses: str, timeout: float = 150
+) -> dict[str, Any]:
     def reached() -> dict[str, Any] | None:
         job = job_status(http, job_id)
         return job if job["status"] in statuses else None

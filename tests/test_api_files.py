@@ -71,7 +71,11 @@ def test_file_used_by_an_active_job_cannot_be_deleted(svc_client: TestClient, sv
     refused = svc_client.delete(f"/files/{record['id']}")
     assert refused.status_code == 409 and job["id"] in refused.json()["error"]["message"]
     svc_client.post(f"/jobs/{job['id']}/cancel")
-    assert svc_client.delete(f"/files/{record['id']}").json() == {"id": record["id"], "object": "file", "deleted": True}
+    assert svc_client.delete(f"/files/{record['id']}").json() == {
+        "id": record["id"],
+        "object": "file",
+        "deleted": True,
+    }
     assert svc_client.get(f"/files/{record['id']}").status_code == 404
     assert not (svc_settings.uploads_dir / f"{record['sha256']}.jsonl").exists()
     assert svc_client.get(f"/jobs/{job['id']}").json()["file_id"] is None  # the job keeps its history

@@ -31,10 +31,17 @@ def test_submit_answers_queued_job_with_defaults(svc_client: TestClient) -> None
     assert svc_client.get(f"/jobs/{job['id']}").json()["id"] == job["id"]
 
 
+def test_a_bare_sample_name_is_the_bundled_sample(svc_client: TestClient) -> None:
+    job = submit(svc_client, dataset="continents")
+    assert job["hyperparameters"]["dataset"] == "sample:continents"
+
+
 def test_queue_position_follows_priority_then_age(svc_client: TestClient) -> None:
     first, second = submit(svc_client), submit(svc_client)
     urgent = submit(svc_client, priority=5)
-    positions = {j: svc_client.get(f"/jobs/{j}").json()["queue_position"] for j in (first["id"], second["id"])}
+    positions = {
+        j: svc_client.get(f"/jobs/{j}").json()["queue_position"] for j in (first["id"], second["id"])
+    }
     assert svc_client.get(f"/jobs/{urgent['id']}").json()["queue_position"] == 1
     assert positions == {first["id"]: 2, second["id"]: 3}
 
@@ -55,14 +62,30 @@ def test_idempotency_key_returns_the_first_job(svc_client: TestClient) -> None:
     [
         ({}, 422, "dataset"),
         ({"dataset": "sample:capitals", "hyperparameters": {"lora_r": 0}}, 422, "hyperparameters.lora_r"),
-        ({"dataset": "sample:capitals", "hyperparameters": {"learning_rate": -1}}, 422, "hyperparameters.learning_rate"),
-        ({"dataset": "sample:capitals", "hyperparameters": {"no_such_option": 1}}, 422, "hyperparameters.no_such_option"),
+        (
+            {"dataset": "sample:capitals", "hyperparameters": {"learning_rate": -1}},
+            422,
+            "hyperparameters.learning_rate",
+        ),
+        (
+            {"dataset": "sample:capitals", "hyperparameters": {"no_such_option": 1}},
+            422,
+            "hyperparameters.no_such_option",
+        ),
         ({"dataset": "sample:capitals", "hyperparameters": {"dataset": "x"}}, 422, "hyperparameters.dataset"),
-        ({"dataset": "sample:capitals", "hyperparameters": {"max_rows": 10**9}}, 422, "hyperparameters.max_rows"),
-        ({"dataset": "sample:capitals", "hyperparameters": {"eval_dataset": "/etc/passwd"}}, 422,
-         "hyperparameters.eval_dataset"),
+        (
+            {"dataset": "sample:capitals", "hyperparameters": {"max_rows": 10**9}},
+            422,
+            "hyperparameters.max_rows",
+        ),
+        (
+            {"dataset": "sample:capitals", "hyperparameters": {"eval_dataset": "/etc/passwd"}},
+            422,
+            "hyperparameters.eval_dataset",
+        ),
         ({"dataset": "sample:no-such-sample"}, 422, "dataset"),
         ({"dataset": "/etc/passwd"}, 422, "dataset"),
+        ({"dataset": "hf:not an id"}, 422, "dataset"),
         ({"dataset": "file_missing"}, 404, "dataset"),
         ({"dataset": "sample:capitals", "priority": 11}, 422, "priority"),
         ({"dataset": "sample:capitals", "suffix": "has space"}, 422, "suffix"),
@@ -108,16 +131,24 @@ def test_cancel_while_queued_is_immediate_and_final(svc_client: TestClient) -> N
 
 
 def test_unknown_job_is_404_on_every_route(svc_client: TestClient) -> None:
-    for method, path in [("get", "/jobs/ftjob_nope"), ("post", "/jobs/ftjob_nope/cancel"),
-                         ("get", "/jobs/ftjob_nope/events"), ("get", "/jobs/ftjob_nope/checkpoints")]:
+    for method, path in [
+        ("get", "/jobs/ftjob_nope"),
+        ("post", "/jobs/ftjob_nope/cancel"),
+        ("get", "/jobs/ftjob_nope/events"),
+        ("get", "/jobs/ftjob_nope/checkpoints"),
+    ]:
         response = getattr(svc_client, method)(path)
         assert response.status_code == 404, path
         assert response.json()["error"]["code"] == "not_found"
 
 
 def test_adapters_listing_and_unknown_adapter(svc_client: TestClient) -> None:
-    assert svc_client.get("/adapters").json() == {"object": "list", "data": [], "has_more": False,
-                                                  "next_cursor": None}
+    assert svc_client.get("/adapters").json() == {
+        "object": "list",
+        "data": [],
+        "has_more": False,
+        "next_cursor": None,
+    }
     missing = svc_client.get("/adapters/adp_nope")
     assert missing.status_code == 404 and missing.json()["error"]["field"] == "adapter"
     assert svc_client.delete("/adapters/adp_nope").status_code == 404
@@ -133,9 +164,19 @@ def test_health_and_readiness(svc_client: TestClient) -> None:
 
 def test_openapi_documents_the_routes_with_examples(svc_client: TestClient) -> None:
     spec = svc_client.get("/openapi.json").json()
-    for path in ["/jobs", "/jobs/{job_id}", "/jobs/{job_id}/cancel", "/jobs/{job_id}/events",
-                 "/jobs/{job_id}/checkpoints", "/files", "/files/{file_id}", "/adapters", "/adapters/{ref}",
-                 "/healthz", "/readyz"]:
+    for path in [
+        "/jobs",
+        "/jobs/{job_id}",
+        "/jobs/{job_id}/cancel",
+        "/jobs/{job_id}/events",
+        "/jobs/{job_id}/checkpoints",
+        "/files",
+        "/files/{file_id}",
+        "/adapters",
+        "/adapters/{ref}",
+        "/healthz",
+        "/readyz",
+    ]:
         assert path in spec["paths"], path
     assert spec["components"]["schemas"]["JobCreate"]["examples"]
     assert svc_client.get("/docs").status_code == 200

@@ -20,15 +20,26 @@ from tests.fixtures_service import ROOT
 def keyed_settings(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Settings:
     """One database for the module, so the keys are made once (each is a subprocess)."""
     data_dir = tmp_path_factory.mktemp("auth") / "data"
-    return Settings(data_dir=data_dir, models_dir=models_dir, base_model="tiny-gpt-oss", backend="hf",
-                    auth="keys", log_json=False, load_model_on_start=False)
+    return Settings(
+        data_dir=data_dir,
+        models_dir=models_dir,
+        base_model="tiny-gpt-oss",
+        backend="hf",
+        auth="keys",
+        log_json=False,
+        load_model_on_start=False,
+    )
 
 
 def create_key(settings: Settings, scopes: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "GPTOSS_DATA_DIR": str(settings.data_dir), "GPTOSS_LOG_JSON": "false"}
     return subprocess.run(
         [sys.executable, "scripts/create_api_key.py", "--name", f"test-{scopes}", "--scopes", scopes],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -73,8 +84,10 @@ def test_scopes_are_enforced_with_403(keyed_client: TestClient, keys: dict[str, 
     assert keyed_client.get("/jobs", headers=bearer(keys["read"])).status_code == 200
     made = keyed_client.post("/jobs", json=body, headers=bearer(keys["train,read"]))
     assert made.status_code == 201
-    assert keyed_client.post(f"/jobs/{made.json()['id']}/cancel", headers=bearer(keys["admin"])).status_code == 200
-    assert keyed_client.post("/files", headers=bearer(keys["read"]), files={"file": ("a", b"{}")}).status_code == 403
+    admin = bearer(keys["admin"])
+    assert keyed_client.post(f"/jobs/{made.json()['id']}/cancel", headers=admin).status_code == 200
+    upload = {"file": ("a.jsonl", b"{}")}
+    assert keyed_client.post("/files", headers=bearer(keys["read"]), files=upload).status_code == 403
 
 
 def test_health_needs_no_key(keyed_client: TestClient) -> None:

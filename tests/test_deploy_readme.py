@@ -192,6 +192,35 @@ def test_shell_blocks_parse() -> None:
         assert result.returncode == 0, f"README shell block does not parse:\n{block}\n{result.stderr}"
 
 
+def test_files_the_readme_names_exist() -> None:
+    text = README.read_text()
+    links = re.findall(r"\]\(([^)#:]+)\)", text)  # relative Markdown links
+    named = re.findall(r"\b((?:scripts|configs|app|docs)/[\w./-]+\.(?:py|sh|yaml|md|jsonl))\b", text)
+    assert links and named
+    missing = sorted({p for p in links + named if not (ROOT / p).exists()})
+    assert not missing, f"README names files that do not exist: {missing}"
+
+
+def _expand_braces(name: str) -> list[str]:
+    match = re.search(r"\{([\w,]+)\}", name)
+    if not match:
+        return [name]
+    return [
+        n for part in match.group(1).split(",") for n in _expand_braces(name.replace(match.group(0), part, 1))
+    ]
+
+
+def test_metric_names_in_the_readme_are_exported() -> None:
+    source = (ROOT / "app/observability.py").read_text()
+    listed = re.findall(r"`(gptoss_[\w{},]+?)(?:\{[a-z_,]+\})?`", README.read_text())
+    names = [n for name in listed for n in _expand_braces(name)]
+    assert len(names) >= 10
+    for name in names:
+        assert f'"{name.removesuffix("_total")}"' in source, (
+            f"README lists {name}; app/observability.py has none"
+        )
+
+
 # --- the two commands ----------------------------------------------------------------------------------
 
 

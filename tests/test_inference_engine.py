@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,7 +16,7 @@ from app.exceptions import Busy, Conflict, NotFound
 from app.inference.engine import InferenceEngine, training_probe_from_db
 from app.inference.stream import _StopFilter
 from app.inference.types import AdapterSpec, SamplingParams
-from app.ml.harmony import parse_completion, render_prompt
+from app.ml.harmony import render_prompt
 from tests.fixtures_inference import (
     ANSWERS,
     DEVELOPER,
@@ -22,8 +24,10 @@ from tests.fixtures_inference import (
     CollectingSink,
     LiveServer,
     TrainedAdapter,
+    completion_logprob,
     copy_adapter,
     inference_settings,
+    reference_greedy,
 )
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)
@@ -46,16 +50,23 @@ def run(
     return sink.wait()
 
 
-def test_adapters_answer_like_their_own_training(inference_server: LiveServer) -> None:
+def test_adapters_answer_like_their_own_training(
+    inference_server: LiveServer, reference_models: dict[str | None, Any]
+) -> None:
     engine = inference_server.engine
-    answers = {
-        task: parse_completion(run(engine, prompt(), spec_for(inference_server, task))) for task in ANSWERS
-    }
-    base = run(engine, prompt(), None)
-    for task, expected in ANSWERS.items():
-        assert expected in answers[task].content, (task, answers[task])
-    assert answers["capitals"].content != answers["continents"].content
-    assert parse_completion(base).content != answers["capitals"].content
+    answers = {}
+    for task in [None, *ANSWERS]:
+        spec = spec_for(inference_server, task) if task else None
+        answers[task] = run(engine, prompt(), spec)
+        # exactly what transformers' own generate gives with that adapter alone on a fresh base
+        assert answers[task] == reference_greedy(reference_models[task], prompt(), GREEDY.max_new_tokens)
+    assert len({tuple(a) for a in answers.values()}) == 3
+    # and each adapter learnt its own task: it finds its own answer likelier than the other adapter does
+    for task, other in [("capitals", "continents"), ("continents", "capitals")]:
+        turns = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": ANSWERS[task]}]
+        own = completion_logprob(reference_models[task], turns)
+        assert own > completion_logprob(reference_models[other], turns) + 1.0
+        assert own > completion_logprob(reference_models[None], turns) + 1.0
 
 
 def test_switching_adapters_back_and_forth_gives_identical_answers(inference_server: LiveServer) -> None:
@@ -80,7 +91,7 @@ def test_16_concurrent_mixed_requests_each_get_their_solo_answer(inference_serve
     params = [GREEDY] * 15 + [SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=11)]
     solo = [
         run(engine, prompt(q), spec_for(inference_server, t) if t else None, p)
-        for (t, q), p in zip(jobs, params)
+        for (t, q), p in zip(jobs, params, strict=True)
     ]
     sinks = [CollectingSink() for _ in jobs]
     for (task, question), p, sink in zip(jobs, params, sinks, strict=True):
@@ -124,7 +135,7 @@ def test_stop_filter_holds_back_a_possible_stop_string() -> None:
 @pytest.fixture
 def small_engine(
     tmp_path: Path, models_dir: Path, task_adapters: dict[str, TrainedAdapter]
-) -> tuple[InferenceEngine, dict[str, AdapterSpec]]:
+) -> Iterator[tuple[InferenceEngine, dict[str, AdapterSpec]]]:
     """A second engine with a two-slot cache (capitals pinned) and room for two requests."""
     settings = inference_settings(
         tmp_path / "data",
@@ -140,7 +151,7 @@ def small_engine(
         name: AdapterSpec(f"adp_{name}", name, copy_adapter(task_adapters[task], tmp_path / name), fp)
         for name, task in [("a", "capitals"), ("b", "continents"), ("c", "continents")]
     }
-    yield engine, specs  # type: ignore[misc]
+    yield engine, specs
     engine.close()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -240,3 +241,27 @@ def test_loss_png_of_a_job_without_steps_and_of_no_job(client: TestClient) -> No
     assert empty.status_code == 200 and empty.content.startswith(PNG_SIGNATURE)
     assert missing.status_code == 404
     assert missing.json()["error"]["field"] == "job_id"
+
+
+def test_gpu_memory_series_when_cuda_is_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stand-in for torch.cuda: there is no GPU here (CI has none either). It answers as torch's
+    # API does, so this checks which series a GPU host gets and from which calls.
+    from types import SimpleNamespace
+
+    from app.observability import _gpu_memory
+
+    cuda = SimpleNamespace(
+        is_available=lambda: True,
+        device_count=lambda: 2,
+        mem_get_info=lambda i: (30 * 2**30, 80 * 2**30),
+        memory_allocated=lambda i: (i + 1) * 2**30,
+        memory_reserved=lambda i: (i + 2) * 2**30,
+    )
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda))
+
+    samples = {(s.name, s.labels["device"]): s.value for family in _gpu_memory() for s in family.samples}
+
+    assert samples[("gptoss_gpu_memory_used_bytes", "1")] == 50 * 2**30
+    assert samples[("gptoss_gpu_memory_total_bytes", "0")] == 80 * 2**30
+    assert samples[("gptoss_gpu_memory_allocated_bytes", "1")] == 2 * 2**30
+    assert samples[("gptoss_gpu_memory_reserved_bytes", "0")] == 2 * 2**30

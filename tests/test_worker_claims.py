@@ -20,8 +20,9 @@ def _new_jobs(settings: Settings, count: int, **fields: object) -> list[str]:
     ids = []
     with sessions() as session:
         for _ in range(count):
-            new = queue.NewJob(base_model="tiny-gpt-oss", dataset="sample:capitals", file_id=None, config={},
-                               **fields)  # type: ignore[arg-type]
+            new = queue.NewJob(
+                base_model="tiny-gpt-oss", dataset="sample:capitals", file_id=None, config={}, **fields
+            )  # type: ignore[arg-type]
             ids.append(queue.create_job(session, new)[0].id)
     return ids
 

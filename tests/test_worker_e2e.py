@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -67,7 +66,7 @@ def test_submit_train_succeed_over_real_http(
         assert job["backend"] == "hf" and job["attempts"] == 1 and job["train_loss"] is not None
         assert job["tokens_per_s"] > 0 and job["finished_at"] is not None
         assert steps_of(http, job_id) == [1, 2, 3, 4]
-        assert [c["step"] for c in http.get(f"/jobs/{job_id}/checkpoints").json()["data"]] == [2, 4]
+        assert [c["step"] for c in http.get(f"/jobs/{job_id}/checkpoints").json()["data"]] == [4]
 
         adapter = job["adapter"]
         assert adapter["id"] == job["adapter_id"] and adapter["job_id"] == job_id
@@ -109,10 +108,10 @@ def test_sigkilled_worker_job_resumes_elsewhere_without_lost_or_repeated_steps(
 ) -> None:
     fast_lease = {"GPTOSS_HEARTBEAT_S": "0.2", "GPTOSS_LEASE_S": "2"}
     first = start_worker(**fast_lease)
-    job_id = submit(svc_client, hyperparameters={**SMALL_TRAINING, "max_steps": 8, "save_steps": 2})
+    job_id = submit(svc_client, hyperparameters={**SMALL_TRAINING, "max_steps": 6, "save_steps": 3})
 
     def checkpointed() -> bool:
-        return any(e["step"] >= 2 for e in all_events(svc_client, job_id, kind="checkpoint"))
+        return any(e["step"] == 3 for e in all_events(svc_client, job_id, kind="checkpoint"))
 
     wait_for(checkpointed, 150, "the first checkpoint")
     pid = child_pid(svc_client, job_id)
@@ -121,14 +120,14 @@ def test_sigkilled_worker_job_resumes_elsewhere_without_lost_or_repeated_steps(
     assert pid is not None
     wait_for(lambda: not pid_alive(pid), 15, "the orphaned training child to die with its worker")
     killed_at = job_status(svc_client, job_id)
-    assert killed_at["status"] == "running" and killed_at["progress"]["step"] < 8, "finished before the kill"
+    assert killed_at["status"] == "running" and killed_at["progress"]["step"] < 6, "finished before the kill"
 
     second = start_worker(**fast_lease)
     job = wait_status(svc_client, job_id, "succeeded", "failed", "cancelled")
     assert job["status"] == "succeeded", job["error"]
     assert job["attempts"] == 2
-    assert steps_of(svc_client, job_id) == list(range(1, 9))  # each step exactly once
-    messages = [e["message"] for e in all_events(svc_client, job_id)]
+    assert steps_of(svc_client, job_id) == list(range(1, 7))  # each step exactly once
+    messages = [e["message"] or "" for e in all_events(svc_client, job_id)]
     assert any("stopped heartbeating" in m for m in messages)
     assert any(m.startswith("resuming from checkpoint-") for m in messages)
     assert second.poll() is None
@@ -159,7 +158,12 @@ def test_crashing_jobs_fail_clearly_and_the_worker_goes_on(
     stored = svc_settings.uploads_dir / f"{record['sha256']}.jsonl"
     stored.write_text(content.decode().splitlines()[0] + "\n" + json.dumps({"messages": "oops"}) + "\n")
 
-    wait_for(lambda: job_status(svc_client, doomed)["progress"]["step"] >= 1, 150, "the first step")
+    # Any moment of the child's life will do; once it has read the dataset it is busy training.
+    wait_for(
+        lambda: any(e["message"].startswith("dataset ") for e in all_events(svc_client, doomed, "log")),
+        150,
+        "the training child to start work",
+    )
     pid = child_pid(svc_client, doomed)
     assert pid is not None
     os.kill(pid, signal.SIGKILL)  # what the out-of-memory killer does to a training process

@@ -149,6 +149,10 @@ def run(job_id: str) -> dict[str, Any]:
     except (ValueError, FileNotFoundError) as err:  # config and data problems: the user's to fix
         log.error("job %s failed: %s", job_id, traceback.format_exc())
         return {"status": "failed", "code": "invalid_job", "message": f"{type(err).__name__}: {err}"}
+    except Exception as err:  # anything else the training raised; a hard crash never gets here
+        log.error("job %s failed: %s", job_id, traceback.format_exc())
+        code = "out_of_memory" if "out of memory" in str(err).lower() else "training_error"
+        return {"status": "failed", "code": code, "message": f"{type(err).__name__}: {err}"[:2000]}
 
 
 def _watch_parent(hooks: JobHooks) -> None:
@@ -180,6 +184,11 @@ def main() -> None:
     result = run(job_id)
     log.info("job %s: %s", job_id, result)
     write_result(get_settings(), job_id, result)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown (seconds of torch/thread clean-up): everything that matters is written.
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -253,6 +253,8 @@ class InferenceEngine:
         _free_memory()
 
     def _require_loaded(self) -> None:
+        if self._released:
+            raise self._busy_training()
         if self._loaded is None:
             raise Busy("the model is not loaded yet; retry shortly", retry_after=5)
 
@@ -309,6 +311,8 @@ class InferenceEngine:
         """Called with the lock held."""
         if self._closing:
             raise Busy("the server is shutting down", retry_after=5)
+        if self._thread is None:
+            raise Busy("the model is not loaded yet (call start()); retry shortly", retry_after=5)
         if self._released:
             raise self._busy_training()
         if len(self._pending) + self._running >= self.settings.max_concurrent_generations:

@@ -137,11 +137,12 @@ def save_random_model(
     from transformers import GenerationConfig, GptOssForCausalLM
 
     torch.manual_seed(seed)
+    # Built directly in the target dtype on the target device: the full 20.9 B model would not fit
+    # in fp32 first.
     with torch.device(device):
-        model = GptOssForCausalLM(config)
+        model = GptOssForCausalLM._from_config(config, dtype=dtype)
         if lm_head_std is not None:
             model.lm_head.weight.data.normal_(0.0, lm_head_std)
-        model = model.to(dtype)
     model.generation_config = GenerationConfig(
         eos_token_id=[200002, 200012], pad_token_id=199999, bos_token_id=199998
     )

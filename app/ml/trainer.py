@@ -219,6 +219,8 @@ def _trainer_class() -> type:
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
             if model.training and "attention_mask" in inputs:
                 self.tokens_seen += int(inputs["attention_mask"].sum().item())
+            elif model.training:  # packing is padding-free (no mask): every token is real
+                self.tokens_seen += int(inputs["input_ids"].numel())
             if cuda_available():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             loss = _masked_lm_loss(model, inputs, num_items_in_batch)

@@ -40,7 +40,7 @@ def _database(request: Request) -> dict[str, Any]:
 
 def _migrations(request: Request) -> dict[str, Any]:
     try:
-        current, head = current_revision(request.app.state.db), head_revision(request.app.state.settings)
+        current, head = current_revision(request.app.state.db), head_revision()
     except Exception as exc:
         return {"ok": False, "detail": str(exc)}
     return {"ok": current == head, "current": current, "head": head}

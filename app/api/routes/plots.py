@@ -91,6 +91,7 @@ def _draw(ax: Any, curve: LossCurve) -> None:
     if curve.eval:
         steps = sorted(curve.eval)
         ax.plot(steps, [curve.eval[s] for s in steps], "o--", label="eval loss")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # steps are whole numbers
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
