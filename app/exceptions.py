@@ -6,6 +6,8 @@ Messages say what went wrong and what to do about it, e.g.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ServiceError(Exception):
     """Base class. `code` is a stable machine-readable string; `status` the HTTP status at the edge."""
@@ -18,7 +20,7 @@ class ServiceError(Exception):
         self.message = message
         self.field = field
 
-    def to_dict(self) -> dict[str, str | None]:
+    def to_dict(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "field": self.field}
 
 
@@ -93,5 +95,5 @@ class DatasetInvalid(InvalidInput):
         super().__init__(field, message)
         self.row = row
 
-    def to_dict(self) -> dict[str, str | None]:
-        return {**super().to_dict(), "row": None if self.row is None else str(self.row)}
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "row": self.row}

@@ -411,11 +411,17 @@ class RequestContextMiddleware:
             request_id_var.reset(token)
 
 
+_PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
 def _record_request(scope: Scope, status: int, duration_s: float) -> None:
     route = _route_label(scope)
     HTTP_REQUESTS.labels(scope["method"], route, str(status)).inc()
     HTTP_LATENCY.labels(scope["method"], route).observe(duration_s)
-    access_log.info(
+    # Probes and scrapes arrive every few seconds; their successes would drown the lines that matter.
+    quiet = scope["path"] in _PROBE_PATHS and status < 400
+    access_log.log(
+        logging.DEBUG if quiet else logging.INFO,
         "%s %s %d",
         scope["method"],
         scope["path"],

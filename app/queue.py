@@ -457,4 +457,5 @@ def load_dataset(source: str, settings: Settings, *, field: str = "dataset") -> 
         )
         return list(validate_rows(rows, max_rows=settings.max_dataset_rows))
     except DatasetError as err:
-        raise DatasetInvalid(field, str(err), row=err.row or None) from None
+        # Whole-file problems (row 0) read better without the "field 'dataset'" preamble.
+        raise DatasetInvalid(field, str(err) if err.row else err.reason, row=err.row or None) from None

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         rc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False).returncode
         path = args.out / f"packing_{setting}.json"
         results[setting] = read_json(path) if rc == 0 and path.exists() else {"error": f"exit {rc}"}
-    on, off = results["on"].get("tokens_per_s"), results["off"].get("tokens_per_s")
+    on, off = (float(results[k].get("tokens_per_s") or 0) for k in ("on", "off"))
     summary = {**run_header(), "runs": results, "packing_speedup": round(on / off, 3) if on and off else None}
     write_json(args.out / "packing_bench.json", summary)
     for setting, r in results.items():

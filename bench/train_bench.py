@@ -29,6 +29,9 @@ from bench.common import peak_gib, read_json, reset_peak, run_header, summarize,
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 LOOPS = ("service", "unsloth", "hf")
+# The service's defaults (TrainConfig), used by all three loops.
+WEIGHT_DECAY = 0.01
+MAX_GRAD_NORM = 1.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,6 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=6, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--four-bit", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--optim",
+        choices=("adamw8bit", "adamw"),
+        default="adamw8bit",
+        help="the service's CUDA default is 8-bit",
+    )
     return p.parse_args(argv)
 
 
@@ -105,17 +114,28 @@ def bare_loop(model: Any, args: argparse.Namespace, rows: list[tuple[list[int], 
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    opt = make_optimizer(params, args)
     clock = StepClock(args.warmup)
     device = next(p.device for p in params)
     model.train()
     for ids, labels in _batches(rows, args.batch, args.warmup + args.steps):
         out = model(input_ids=ids.to(device), labels=labels.to(device))
         out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         opt.step()
         opt.zero_grad(set_to_none=True)
         clock.tick()
     return clock
+
+
+def make_optimizer(params: list[Any], args: argparse.Namespace) -> Any:
+    import torch
+
+    if args.optim == "adamw8bit" and torch.cuda.is_available():
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=args.lr, weight_decay=WEIGHT_DECAY)
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=WEIGHT_DECAY)
 
 
 def load_unsloth(args: argparse.Namespace, path: str) -> Any:
@@ -124,13 +144,15 @@ def load_unsloth(args: argparse.Namespace, path: str) -> Any:
     model, _tok = FastLanguageModel.from_pretrained(
         model_name=path, max_seq_length=args.seq, load_in_4bit=args.four_bit, dtype=None
     )
-    # Unsloth maps the broad names gate_up_proj/down_proj onto the 3-D expert parameters.
+    # Unsloth maps these MoE names onto the 3-D expert parameters (as the service's apply_lora does).
+    from app.ml.modeling import UNSLOTH_EXPERT_MODULES
+
     return FastLanguageModel.get_peft_model(
         model,
         r=args.rank,
         lora_alpha=args.alpha,
         lora_dropout=0.0,
-        target_modules=[*ATTN, "gate_up_proj", "down_proj"],
+        target_modules=[*ATTN, *UNSLOTH_EXPERT_MODULES],
         use_gradient_checkpointing="unsloth",
     )
 
@@ -189,14 +211,20 @@ def service_config(args: argparse.Namespace, rows_jsonl: Path) -> dict[str, Any]
         "backend": "unsloth" if _cuda() else "hf",
         "load_in_4bit": args.four_bit,
         "max_seq_length": args.seq,
-        "per_device_batch_size": args.batch,
+        "per_device_train_batch_size": args.batch,
         "gradient_accumulation_steps": 1,
         "max_steps": args.warmup + args.steps,
         "lora_r": args.rank,
         "lora_alpha": args.alpha,
         "lora_dropout": 0.0,
         "learning_rate": args.lr,
+        "weight_decay": WEIGHT_DECAY,
+        "max_grad_norm": MAX_GRAD_NORM,
+        "optim": "adamw_8bit" if args.optim == "adamw8bit" and _cuda() else "adamw_torch",
+        "gradient_checkpointing": True,
         "packing": False,
+        "save_steps": 100_000,  # no checkpoint inside the timed steps
+        "logging_steps": 1,
     }
 
 
@@ -260,7 +288,9 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
         "four_bit": args.four_bit,
         "steps": args.steps,
         "warmup": args.warmup,
-        "optimizer": "AdamW",
+        "optimizer": args.optim,
+        "weight_decay": WEIGHT_DECAY,
+        "max_grad_norm": MAX_GRAD_NORM,
         "gradient_checkpointing": True,
     }
 

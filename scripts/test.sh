@@ -1,19 +1,28 @@
 #!/usr/bin/env bash
 # Install, then every check CI runs: lint, format, types, the whole test suite.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k metrics). .ci/run calls exactly this.
+# Every check runs even after one fails, so one run shows everything to fix; any failure fails it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 
-ruff check .
-ruff format --check .
-mypy app workers
+failed=()
+ruff check . || failed+=("ruff check")
+ruff format --check . || failed+=("ruff format")
+mypy app workers || failed+=("mypy")
 status=0
 pytest "$@" || status=$?
 if [ "$status" -eq 5 ]; then
   # pytest's "no tests collected": for this project that is a broken suite, never a pass.
-  echo "test: pytest collected no tests (exit 5); failing" >&2
+  echo "test: pytest collected no tests (exit 5)" >&2
 fi
-exit "$status"
+[ "$status" -eq 0 ] || failed+=("pytest (exit $status)")
+
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "test: FAILED: ${failed[*]}" >&2
+  [ "$status" -ne 0 ] && exit "$status"
+  exit 1
+fi
+echo "test: all checks passed"

@@ -43,7 +43,7 @@ def test_bad_row_is_refused_with_its_number_and_field(svc_client: TestClient, sv
     response = upload(svc_client, ("\n".join(lines) + "\n").encode())
     assert response.status_code == 422
     error = response.json()["error"]
-    assert error["code"] == "invalid_dataset" and error["field"] == "file" and error["row"] == "3"
+    assert error["code"] == "invalid_dataset" and error["field"] == "file" and error["row"] == 3
     assert "row 3" in error["message"] and "messages[1].role" in error["message"]
     assert svc_client.get("/files").json()["data"] == []
     assert not list(svc_settings.uploads_dir.iterdir())
@@ -51,7 +51,7 @@ def test_bad_row_is_refused_with_its_number_and_field(svc_client: TestClient, sv
 
 def test_not_json_is_refused_with_the_row(svc_client: TestClient) -> None:
     response = upload(svc_client, _rows(2) + b"{not json\n")
-    assert response.status_code == 422 and response.json()["error"]["row"] == "3"
+    assert response.status_code == 422 and response.json()["error"]["row"] == 3
 
 
 def test_too_large_upload_is_413(svc_client: TestClient, svc_settings: Settings) -> None:
@@ -59,6 +59,8 @@ def test_too_large_upload_is_413(svc_client: TestClient, svc_settings: Settings)
     response = upload(svc_client, _rows(40))
     assert response.status_code == 413
     assert response.json()["error"]["field"] == "file" and "1000 bytes" in response.json()["error"]["message"]
+    huge = upload(svc_client, _rows(240) * 2)  # refused on its Content-Length, before it is read
+    assert huge.status_code == 413 and huge.json()["error"]["field"] == "file"
     assert not list(svc_settings.uploads_dir.iterdir())
 
 

@@ -59,6 +59,9 @@ def test_generate_with_each_adapter_and_the_base(inference_server: LiveServer) -
     assert answers[None]["adapter"] is None
     assert ANSWERS["capitals"] in answers["capitals"]["content"]
     assert ANSWERS["continents"] in answers["adp_continents"]["content"]
+    metrics = httpx.get(f"{inference_server.url}/metrics", timeout=30).text
+    assert 'gptoss_generated_tokens_total{adapter="capitals"}' in metrics
+    assert "gptoss_loaded_adapters" in metrics
 
 
 def test_prompt_shorthand_equals_one_user_message(inference_server: LiveServer) -> None:
@@ -80,6 +83,20 @@ def test_streaming_assembles_to_the_non_streamed_answer(inference_server: LiveSe
         assert "".join(e["text"] for e in deltas if e["kind"] == "reasoning") == plain["reasoning"]
         for key in ["content", "reasoning", "finish_reason", "usage", "adapter"]:
             assert done[key] == plain[key]
+
+
+def test_a_client_that_disconnects_stops_its_generation(inference_server: LiveServer) -> None:
+    engine = inference_server.engine
+    cancelled_before = engine.stats["cancelled"]
+    with httpx.stream(
+        "POST", f"{inference_server.url}/generate", json=body(stream=True, max_new_tokens=64), timeout=60
+    ) as response:
+        assert response.status_code == 200
+    # The row is cancelled at its next token rather than decoding all 64 for nobody.
+    deadline = time.monotonic() + 30
+    while engine.stats["cancelled"] == cancelled_before:
+        assert time.monotonic() < deadline, "the abandoned generation kept running"
+        time.sleep(0.01)
 
 
 def test_stop_string_cuts_the_content(inference_server: LiveServer) -> None:

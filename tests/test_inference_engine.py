@@ -93,11 +93,13 @@ def test_16_concurrent_mixed_requests_each_get_their_solo_answer(inference_serve
         run(engine, prompt(q), spec_for(inference_server, t) if t else None, p)
         for (t, q), p in zip(jobs, params, strict=True)
     ]
+    batched_before = engine.stats["batched_rows"]
     sinks = [CollectingSink() for _ in jobs]
     for (task, question), p, sink in zip(jobs, params, sinks, strict=True):
         engine.submit(prompt(question), p, sink, spec_for(inference_server, task) if task else None)
     together = [sink.wait() for sink in sinks]
     assert together == solo
+    assert engine.stats["batched_rows"] > batched_before  # they really shared batches
     assert len({tuple(t) for t in together}) > 3  # not all the same answer
 
 
@@ -183,7 +185,9 @@ def test_full_engine_answers_busy_instead_of_queueing(
     with pytest.raises(Busy, match="max_concurrent_generations") as err:
         engine.submit(prompt(), long, CollectingSink())
     assert err.value.retry_after >= 1
-    assert [len(s.wait()) for s in sinks] == [200, 200]
+    for sink in sinks:
+        sink.wait()
+        assert sink.reason in ("length", "stop")
     assert run(engine, prompt(), None)  # room again once they finished
 
 

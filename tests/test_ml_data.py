@@ -98,6 +98,25 @@ def test_flat_multilingual_thinking_schema_is_normalised() -> None:
     assert ex.messages[-1] == {"role": "assistant", "content": "A.", "thinking": "Denken."}
 
 
+def test_multilingual_thinking_chat_rows_keep_instructions_once() -> None:
+    row = {
+        "reasoning_language": "French",
+        "developer": "You are cheerful.",
+        "messages": [
+            {
+                "role": "system",
+                "content": "reasoning language: French\n\nYou are cheerful.",
+                "thinking": None,
+            },
+            {"role": "user", "content": "Hi?", "thinking": None},
+            {"role": "assistant", "content": "Hello!", "thinking": "L'utilisateur salue."},
+        ],
+    }
+    (ex,) = validate_rows([row], max_rows=1)
+    assert ex.developer is None and ex.messages[0]["role"] == "system"
+    assert ex.meta["reasoning_language"] == "French"
+
+
 def test_relative_path_resolves_in_data_dir(tmp_path: Path) -> None:
     _write(tmp_path / "up.jsonl", [GOOD])
     assert load_rows("up.jsonl", data_dir=tmp_path, max_rows=5, max_bytes=10_000) == [GOOD]

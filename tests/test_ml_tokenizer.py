@@ -16,7 +16,6 @@ from app.ml.tokenizer import (
     O200K_BASE_SHA256,
     SPECIAL_IDS,
     TIKTOKEN_FILENAME,
-    atomic_build,
     ensure_harmony_assets,
     load_tokenizer,
 )

@@ -16,7 +16,7 @@ from app.ml.generation import generate_ids
 from app.ml.harmony import render_prompt, render_training
 from app.ml.modeling import config_fingerprint, ensure_tiny_model, load_base, tiny_config
 from app.ml.trainer import TrainConfig, TrainResult, train
-from tests.fixtures_ml import RecordingHooks, train_sample_adapter
+from tests.fixtures_ml import RecordingHooks
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +88,7 @@ def test_trained_adapter_is_closer_to_held_out_targets(trained_adapter: Path, mo
 
 
 def test_stop_saves_a_checkpoint_and_resume_continues(models_dir: Path, tmp_path: Path) -> None:
-    overrides = {"max_steps": 6, "per_device_train_batch_size": 4, "save_steps": 100}
+    overrides = {"max_steps": 6, "per_device_train_batch_size": 4, "save_steps": 100, "eval_fraction": 0.05}
     cfg = TrainConfig(**{**_fixture_cfg(), "dataset": "sample:continents", **overrides})
     first = RecordingHooks(stop_after=3)
     stopped = train(
@@ -104,6 +104,9 @@ def test_stop_saves_a_checkpoint_and_resume_continues(models_dir: Path, tmp_path
     # The loss carries on from where it stopped instead of restarting near ln(vocab).
     assert second.losses[0][1] < first.losses[0][1] - 0.5
     assert done.adapter_dir == tmp_path / "a" and (tmp_path / "a/manifest.json").is_file()
+    # eval_steps defaults to save_steps (100 here), so the held-out 5% is evaluated once, at the end
+    evals = [m for m in second.steps if m["eval_loss"] is not None]
+    assert [m["step"] for m in evals] == [6] and done.metrics["eval_loss"] == evals[0]["eval_loss"]
 
 
 def _fixture_cfg() -> dict:

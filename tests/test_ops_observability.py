@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -265,3 +266,20 @@ def test_gpu_memory_series_when_cuda_is_there(monkeypatch: pytest.MonkeyPatch) -
     assert samples[("gptoss_gpu_memory_total_bytes", "0")] == 80 * 2**30
     assert samples[("gptoss_gpu_memory_allocated_bytes", "1")] == 2 * 2**30
     assert samples[("gptoss_gpu_memory_reserved_bytes", "0")] == 2 * 2**30
+
+
+def test_json_logs_silence_progress_bars(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A tqdm bar (model loading, downloads) would put non-JSON text between the JSON lines.
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    try:
+        configure_logging(settings.model_copy(update={"log_json": True}), stream=io.StringIO())
+        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"  # inherited by the training process
+        assert are_progress_bars_disabled() and not hf_logging.is_progress_bar_enabled()
+    finally:
+        os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)  # else the hub refuses to re-enable them
+        enable_progress_bars()
+        hf_logging.enable_progress_bar()
+        configure_logging(settings)

@@ -48,7 +48,7 @@ def served(settings: Settings, tmp_path: Path) -> Iterator[tuple[str, Path]]:
         "GPTOSS_DATA_DIR": str(settings.data_dir),
         "GPTOSS_MODELS_DIR": str(settings.models_path),
         "GPTOSS_AUTH": "none",
-        "GPTOSS_LOAD_MODEL_ON_START": "true",  # its loading must log JSON too
+        "GPTOSS_LOAD_MODEL_ON_START": "false",  # only time here; quiet model loading is tested in-process
         "GPTOSS_LOG_JSON": "true",
         "GPTOSS_RATE_LIMIT_PER_MINUTE": "2",
     }

@@ -13,6 +13,7 @@ from app.config import Settings
 from app.db import make_engine, make_sessionmaker, upgrade_to_head, utcnow
 from app.exceptions import TransitionError
 from app.models import Job
+from tests.fixtures_service import StartWorker
 
 
 def _new_jobs(settings: Settings, count: int, **fields: object) -> list[str]:
@@ -128,3 +129,13 @@ def test_resumed_steps_replace_the_abandoned_attempts_records(svc_settings: Sett
         events, _ = queue.list_events(session, job_id, after=0, limit=100, kind="metrics")
         assert [(e.step, e.attempt) for e in events] == [(1, 1), (2, 1), (3, 2)]
         assert queue.get_job(session, job_id).train_loss == 0.3
+
+
+def test_worker_once_on_an_empty_queue_migrates_and_exits(
+    svc_settings: Settings, start_worker: StartWorker
+) -> None:
+    worker = start_worker("--once", "--worker-id", "solo")
+    assert worker.wait(timeout=120) == 0
+    engine = make_engine(svc_settings)
+    with make_sessionmaker(engine)() as session:
+        assert queue.list_jobs(session, status=None, after=None, limit=10) == ([], False)

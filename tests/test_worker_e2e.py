@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from typing import Any
 
 import httpx
@@ -65,6 +64,7 @@ def test_submit_train_succeed_over_real_http(
         assert job["progress"] == {"step": 4, "total_steps": 4, "epoch": job["progress"]["epoch"]}
         assert job["backend"] == "hf" and job["attempts"] == 1 and job["train_loss"] is not None
         assert job["tokens_per_s"] > 0 and job["finished_at"] is not None
+        assert job["eta_s"] == 0.0 and job["queue_position"] is None
         assert steps_of(http, job_id) == [1, 2, 3, 4]
         assert [c["step"] for c in http.get(f"/jobs/{job_id}/checkpoints").json()["data"]] == [4]
 
@@ -92,11 +92,10 @@ def test_cancel_while_running_keeps_the_checkpoint(
     worker = start_worker()
     job_id = submit(svc_client, hyperparameters=LONG_TRAINING)
     wait_for(lambda: job_status(svc_client, job_id)["progress"]["step"] >= 1, 150, "the first step")
-    asked = time.monotonic()
     assert svc_client.post(f"/jobs/{job_id}/cancel").json()["cancel_requested"] is True
     job = wait_status(svc_client, job_id, "cancelled", "failed", "succeeded", timeout=60)
     assert job["status"] == "cancelled", job["error"]
-    assert time.monotonic() - asked < 30  # seconds, not the remaining 490 steps
+    assert job["progress"]["step"] < LONG_TRAINING["max_steps"] // 10  # stopped at once, not at the end
     checkpoints = svc_client.get(f"/jobs/{job_id}/checkpoints").json()["data"]
     assert checkpoints and checkpoints[-1]["step"] == job["progress"]["step"]  # saved on the way out
     assert job["adapter_id"] is None and not list(svc_settings.adapters_dir.glob("adp_*"))

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from app import queue, registry
@@ -44,7 +45,7 @@ STOP_GRACE_S = 300.0
 RESULT_FILE = "result.json"
 
 
-def child_env(settings: Settings, job: Job, worker_id: str) -> dict[str, str]:
+def child_env(settings: Settings, worker_id: str) -> dict[str, str]:
     """The worker's environment plus absolute paths, so the child sees exactly the worker's settings."""
     env = dict(os.environ)
     env.update(
@@ -87,14 +88,25 @@ class Worker:
         upgrade_to_head(self.settings)
         log.info("worker %s polling every %.1fs", self.worker_id, self.settings.worker_poll_s)
         while not self.stopping.is_set():
-            job = self.poll()
+            try:
+                job = self.poll()
+            except OperationalError:  # e.g. the database was locked past busy_timeout: try again later
+                log.exception("worker %s: polling failed; retrying", self.worker_id)
+                job = None
             if job is not None:
-                self.run_job(job)
+                self._run_guarded(job)
             if once:
                 return
             if job is None:
                 self.stopping.wait(self.settings.worker_poll_s)
         log.info("worker %s stopped", self.worker_id)
+
+    def _run_guarded(self, job: Job) -> None:
+        """One job's trouble (run_job's finally has written its final state) never ends the loop."""
+        try:
+            self.run_job(job)
+        except Exception:
+            log.exception("job %s: the worker hit an error; going on with the next job", job.id)
 
     def poll(self) -> Job | None:
         with self.sessions() as session:
@@ -120,7 +132,7 @@ class Worker:
             with open(log_path, "ab") as out:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "workers.run_job", job.id],
-                    env=child_env(self.settings, job, self.worker_id),
+                    env=child_env(self.settings, self.worker_id),
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     preexec_fn=_die_with_parent,
@@ -206,7 +218,7 @@ class Worker:
             )
         elif seen.cancel or queue.cancel_requested(session, job.id):
             queue.finish_cancelled(session, job.id, self.worker_id)
-        elif status == "stopped" and self.stopping.is_set():
+        elif self.stopping.is_set():  # stopped at a checkpoint, or SIGTERMed before it could listen
             queue.release(
                 session, job.id, self.worker_id, f"worker {self.worker_id} shut down; checkpoint kept"
             )

@@ -25,6 +25,7 @@ class Row:
     params: SamplingParams
     sink: TokenSink
     generated: int = 0
+    finish_reason: str | None = None
     generator: torch.Generator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -71,16 +72,19 @@ def _deliver(token: int, row: Row, stop_ids: frozenset[int]) -> bool:
     """Hand one token to its request; False once the row is finished (and its sink told why)."""
     row.generated += 1
     if token in stop_ids:
-        row.sink.finish("stop", row.generated)
-        return False
+        return _finish(row, "stop")
     row.sink.put_token(token)
     if row.sink.cancelled():
-        row.sink.finish("cancelled", row.generated)
-        return False
+        return _finish(row, "cancelled")
     if row.generated >= row.params.max_new_tokens:
-        row.sink.finish("length", row.generated)
-        return False
+        return _finish(row, "length")
     return True
+
+
+def _finish(row: Row, reason: str) -> bool:
+    row.finish_reason = reason
+    row.sink.finish(reason, row.generated)
+    return False
 
 
 def _forward(

@@ -63,6 +63,8 @@ class InferenceEngine:
         self._released = False  # model given back while a training job runs
         self._next_probe = 0.0
         self._loaded: Any = None  # app.ml.modeling.LoadedBase
+        # Counters for /metrics and tests: batches run, rows run, rows that shared their batch.
+        self.stats = {"batches": 0, "rows": 0, "batched_rows": 0, "cancelled": 0}
         self._cache: AdapterCache | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -142,18 +144,25 @@ class InferenceEngine:
     # --- engine thread -------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(self._has_work, timeout=self._probe_interval())
-                if self._closing:
-                    return
-                commands, self._commands = self._commands, []
-            for command in commands:
-                self._run_command(command)
-            self._check_training()
-            batch = self._take_batch()
-            if batch:
-                self._run_batch(batch)
+        while not self._closing:
+            try:
+                self._step()
+            except Exception:  # never let the one thread that serves every request die
+                log.exception("inference engine step failed")
+                time.sleep(0.1)
+
+    def _step(self) -> None:
+        with self._cond:
+            self._cond.wait_for(self._has_work, timeout=self._probe_interval())
+            if self._closing:
+                return
+            commands, self._commands = self._commands, []
+        for command in commands:
+            self._run_command(command)
+        self._check_training()
+        batch = self._take_batch()
+        if batch:
+            self._run_batch(batch)
 
     def _has_work(self) -> bool:
         return self._closing or bool(self._commands) or (bool(self._pending) and not self._released)
@@ -169,7 +178,13 @@ class InferenceEngine:
             taken = {id(p) for p in batch}
             self._pending = [p for p in self._pending if id(p) not in taken]
             self._running = len(batch)
+            self._count(len(batch))
             return batch
+
+    def _count(self, size: int) -> None:
+        self.stats["batches"] += 1
+        self.stats["rows"] += size
+        self.stats["batched_rows"] += size if size > 1 else 0
 
     def _wait_for_batch_window(self) -> None:
         """Give requests that arrive together a moment to share a batch."""
@@ -199,6 +214,7 @@ class InferenceEngine:
             self._cache.ensure(adapter)
         with self._cache.activate(adapter.id if adapter else None) as model:
             decode_batch(model, [p.row for p in batch], pad_id=self._pad_id, stop_ids=self._stop_ids)
+        self.stats["cancelled"] += sum(p.row.finish_reason == "cancelled" for p in batch)
 
     def _run_command(self, command: _Command) -> None:
         try:

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.exceptions import InvalidInput, ServiceError
 from app.inference.engine import InferenceEngine
-from app.inference.stream import Assembler, TokenStream
+from app.inference.stream import Assembler, Completion, TokenStream
 from app.inference.types import AdapterSpec, SamplingParams
 
 
@@ -74,7 +74,19 @@ def start(engine: InferenceEngine, prepared: Prepared) -> Assembler:
     """Queue the request (Busy 503 when the engine is full) and return its assembler."""
     stream = TokenStream()
     engine.submit(prepared.prompt_ids, prepared.params, stream, prepared.adapter)
-    return Assembler(stream, prompt_tokens=len(prepared.prompt_ids), stop=prepared.stop)
+    adapter = prepared.adapter.name if prepared.adapter else None
+    return Assembler(
+        stream,
+        prompt_tokens=len(prepared.prompt_ids),
+        stop=prepared.stop,
+        on_complete=lambda done: _observe(done, adapter),
+    )
+
+
+def _observe(done: Completion, adapter: str | None) -> None:
+    from app.observability import observe_generation
+
+    observe_generation(done.timings["total_ms"] / 1000, done.completion_tokens, adapter)
 
 
 async def run_to_end(assembler: Assembler) -> Assembler:

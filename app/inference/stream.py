@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from app.ml.harmony import StreamDecoder
@@ -129,6 +129,7 @@ class Assembler:
     prompt_tokens: int
     stop: list[str] = field(default_factory=list)
     completion: Completion | None = None
+    on_complete: Callable[[Completion], None] | None = None  # metrics
     _received: int = 0
 
     async def deltas(self) -> AsyncIterator[Delta]:
@@ -152,6 +153,8 @@ class Assembler:
         finally:
             self.stream.cancel()  # a no-op once ended; stops the row if the client went away
         self.completion = self._complete(parts, stops.hit, started, first)
+        if self.on_complete is not None:
+            self.on_complete(self.completion)
 
     @staticmethod
     def _pieces(piece: tuple[str, str] | None, stops: _StopFilter) -> list[Delta]:

@@ -147,7 +147,12 @@ def _chat_example(row: dict, number: int) -> Example:
         )
     if not any(m["role"] == "user" for m in checked[: assistants[0]]):
         raise DatasetError(number, "messages", "needs a user message before the first assistant message")
-    return Example(checked, developer=_optional_str(row, "developer", number))
+    developer = _optional_str(row, "developer", number)
+    if any(m["role"] in ("system", "developer") for m in checked):
+        # Multilingual-Thinking repeats its `developer` column inside the system message; the
+        # messages win so the instructions are not rendered twice.
+        developer = None
+    return Example(checked, developer=developer)
 
 
 def _flat_example(row: dict, number: int) -> Example:

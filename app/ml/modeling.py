@@ -70,7 +70,7 @@ def tiny_config() -> Any:
     """2 layers (sliding, full), sinks, 4 experts top-2, hidden 64 and the real 201,088 vocabulary."""
     from transformers import GptOssConfig
 
-    return GptOssConfig(
+    config = GptOssConfig(
         vocab_size=VOCAB_SIZE,
         hidden_size=64,
         intermediate_size=64,
@@ -87,8 +87,9 @@ def tiny_config() -> Any:
         bos_token_id=199998,
         eos_token_id=200002,
         pad_token_id=199999,
-        tiny_version=TINY_VERSION,
     )
+    config.tiny_version = TINY_VERSION  # saved in config.json (extra config fields are kept)
+    return config
 
 
 def full_config() -> Any:
@@ -256,7 +257,8 @@ def _hf_load_kwargs(path: str, *, load_in_4bit: bool) -> dict[str, Any]:
 
 
 def _load_hf(path: str, *, load_in_4bit: bool) -> Any:
-    from transformers import AutoConfig, AutoModelForCausalLM, Mxfp4Config
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils.quantization_config import Mxfp4Config
 
     kwargs = _hf_load_kwargs(path, load_in_4bit=load_in_4bit)
     quant = getattr(AutoConfig.from_pretrained(path), "quantization_config", None)

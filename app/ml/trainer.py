@@ -217,8 +217,11 @@ def _trainer_class() -> type:
         tokens_seen: int = 0
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
-            if model.training and "attention_mask" in inputs:
-                self.tokens_seen += int(inputs["attention_mask"].sum().item())
+            if model.training:  # packed (padding-free) batches have no attention_mask and no padding
+                mask = inputs.get("attention_mask")
+                self.tokens_seen += (
+                    int(mask.sum().item()) if mask is not None else inputs["input_ids"].numel()
+                )
             elif model.training:  # packing is padding-free (no mask): every token is real
                 self.tokens_seen += int(inputs["input_ids"].numel())
             if cuda_available():

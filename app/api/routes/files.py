@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Query, UploadFile, status
+from fastapi import APIRouter, Form, Query, Request, UploadFile, status
 from sqlalchemy import func, select
 
 from app import queue
@@ -20,17 +20,20 @@ from app.schemas import Deleted, FilePublic, Page
 
 router = APIRouter(prefix="/files", tags=["files"])
 CHUNK = 1024 * 1024
+MULTIPART_SLACK = 64 * 1024  # multipart headers and boundaries around the file itself
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=FilePublic)
 def upload_file(
     file: UploadFile,
+    request: Request,
     session: SessionDep,
     settings: SettingsDep,
     _key: TrainKey,
     purpose: Annotated[str, Form(max_length=32)] = "fine-tune",
 ) -> FileRecord:
     """Upload a JSONL dataset (one chat per line). A bad row is refused now, with its number and why."""
+    _check_declared_size(request, settings)
     settings.uploads_dir.mkdir(parents=True, exist_ok=True)
     tmp, digest, size = _receive(file, settings)
     try:
@@ -52,6 +55,19 @@ def upload_file(
     return record
 
 
+def _check_declared_size(request: Request, settings: Settings) -> None:
+    """Refuse on the declared length, before reading; _receive still counts, as the header can lie."""
+    declared = int(request.headers.get("content-length") or 0)
+    if declared > settings.max_upload_bytes + MULTIPART_SLACK:
+        raise _too_large(settings)
+
+
+def _too_large(settings: Settings) -> LimitExceeded:
+    return LimitExceeded(
+        f"file: must be at most {settings.max_upload_bytes} bytes; split the dataset", field="file"
+    )
+
+
 def _receive(upload: UploadFile, settings: Settings) -> tuple[Path, str, int]:
     """Stream the upload to a temp file, hashing as it goes; stop as soon as it passes the size limit."""
     digest, size = hashlib.sha256(), 0
@@ -63,10 +79,7 @@ def _receive(upload: UploadFile, settings: Settings) -> tuple[Path, str, int]:
             if size > settings.max_upload_bytes:
                 out.close()
                 tmp.unlink(missing_ok=True)
-                raise LimitExceeded(
-                    f"file: must be at most {settings.max_upload_bytes} bytes; split the dataset",
-                    field="file",
-                )
+                raise _too_large(settings)
             digest.update(chunk)
             out.write(chunk)
     return tmp, digest.hexdigest(), size
