@@ -26,14 +26,18 @@ RUN apt-get update \
 
 RUN python3 -m venv /opt/venv && pip install --upgrade pip setuptools wheel
 RUN pip install "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" --index-url "${TORCH_INDEX}"
+# Every later pip install keeps this torch: Unsloth's dependencies (xformers, torchao) would otherwise
+# be free to swap it for another build. A clash then fails the build instead of breaking CUDA.
+RUN printf 'torch==%s\ntorchvision==%s\n' "${TORCH_VERSION}" "${TORCHVISION_VERSION}" > /opt/torch-constraints.txt
+ENV PIP_CONSTRAINT=/opt/torch-constraints.txt
 
 WORKDIR /srv/gptoss
 # The pinned stack in its own layer (transformers 5.17.0, trl 1.15.0, peft, datasets<5, Unsloth,
-# bitsandbytes: the `gpu` extra), so a code change does not reinstall it. The torch above already
-# satisfies the project's range and stays.
+# bitsandbytes: the `gpu` extra), so a code change does not reinstall it. The CUDA index stays in
+# reach for the packages built against one torch (xformers).
 COPY pyproject.toml README.md ./
 RUN mkdir -p app workers && touch app/__init__.py workers/__init__.py \
-    && pip install ".[gpu]" \
+    && pip install ".[gpu]" --extra-index-url "${TORCH_INDEX}" \
     && pip uninstall -y gptoss-tuner \
     && rm -rf app workers build *.egg-info
 

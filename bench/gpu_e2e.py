@@ -22,6 +22,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -33,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import run_header, summarize, write_json
+from bench.common import copy_bandwidth_gbs, run_header, summarize, write_json
 from bench.data import WORDS, uneven_rows, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--job-timeout", type=float, default=600)
     p.add_argument("--gen-bench", action="store_true")
+    p.add_argument("--keep-api", action="store_true", help="leave the API running (own session)")
+    p.add_argument("--state", type=Path, default=Path("/tmp/gptoss-e2e-state.json"))
+    p.add_argument("--attach", action="store_true", help="gen bench on the API that --state names")
+    p.add_argument("--stop-api", action="store_true", help="with --attach: stop that API afterwards")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-words", type=int, default=240, help="about this many prompt tokens")
     p.add_argument("--concurrency", default="8,32")
@@ -99,6 +104,7 @@ class Service:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = service_env(args, data_dir, self.port)
         self.out = args.out
+        self.keep_api = bool(args.keep_api)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self) -> None:
@@ -127,20 +133,29 @@ class Service:
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
         log = open(self.out / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        self.procs[name] = subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        # With --keep-api the API gets its own session, so it outlives this command on the GPU machine
+        # and the next command can benchmark it without loading the 20B base again.
+        self.procs[name] = subprocess.Popen(
+            cmd,
+            env=self.env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=self.keep_api and name == "api",
+        )
 
-    def wait_ready(self, timeout: float) -> float:
-        """Seconds until /readyz says ready (the base model is loaded)."""
+    def wait_for(self, path: str, timeout: float) -> float:
+        """Seconds until GET `path` answers 200 (/healthz: HTTP is up; /readyz: the base is loaded)."""
         started = time.monotonic()
         while time.monotonic() - started < timeout:
             self.check_alive()
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
+                if httpx.get(f"{self.url}{path}", timeout=5).status_code == 200:
                     return time.monotonic() - started
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        raise TimeoutError(f"the API was not ready after {timeout:.0f} s; see api.log")
+        raise TimeoutError(f"{path} did not answer 200 after {timeout:.0f} s; see api.log")
 
     def check_alive(self) -> None:
         for name, proc in self.procs.items():
@@ -148,10 +163,11 @@ class Service:
                 raise RuntimeError(f"{name} exited with {proc.returncode}; see {name}.log")
 
     def stop(self) -> None:
-        for proc in self.procs.values():
+        procs = [p for n, p in self.procs.items() if not (self.keep_api and n == "api")]
+        for proc in procs:
             if proc.poll() is None:
                 proc.terminate()
-        for proc in self.procs.values():
+        for proc in procs:
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -168,7 +184,7 @@ def upload(client: httpx.Client, rows_path: Path) -> dict[str, Any]:
     return dict(resp.json())
 
 
-def run_job(client: httpx.Client, args: argparse.Namespace, file_id: str) -> dict[str, Any]:
+def submit_job(client: httpx.Client, args: argparse.Namespace, file_id: str) -> dict[str, Any]:
     hyper = {
         "max_steps": args.steps,
         "per_device_train_batch_size": args.batch,
@@ -182,7 +198,10 @@ def run_job(client: httpx.Client, args: argparse.Namespace, file_id: str) -> dic
     body = {"dataset": file_id, "suffix": "e2e", "hyperparameters": hyper}
     resp = client.post("/jobs", json=body)
     resp.raise_for_status()
-    job = resp.json()
+    return dict(resp.json())
+
+
+def wait_job(client: httpx.Client, args: argparse.Namespace, job: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
     while job["status"] not in TERMINAL:
         if time.monotonic() - started > args.job_timeout:
@@ -208,10 +227,14 @@ def prompt_text(words: int, seed: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
-def e2e(args: argparse.Namespace, client: httpx.Client, result: dict[str, Any]) -> str:
+def e2e(args: argparse.Namespace, client: httpx.Client, service: Service, result: dict[str, Any]) -> str:
+    """Job first (the worker loads its own copy of the base while the API loads the shared one)."""
     rows = write_jsonl(uneven_rows(args.rows, 64, args.seq, seed=1), args.out / "dataset.jsonl")
     result["file"] = upload(client, rows)
-    job = run_job(client, args, result["file"]["id"])
+    job = submit_job(client, args, result["file"]["id"])
+    result["api_ready_s"] = round(service.wait_for("/readyz", 900), 1)
+    write_json(args.out / "e2e.json", result)
+    job = wait_job(client, args, job)
     result["job"] = job
     if job["status"] != "succeeded":
         raise RuntimeError(f"job ended {job['status']}: {job.get('error')}")
@@ -334,6 +357,7 @@ def adapter_costs(client: httpx.Client, args: argparse.Namespace, a: str, b: str
 
 def gen_bench(args: argparse.Namespace, client: httpx.Client, data_dir: Path, adapter: str) -> dict[str, Any]:
     out: dict[str, Any] = {**run_header(), "config": {k: str(v) for k, v in vars(args).items()}}
+    out["copy_gbs"] = copy_bandwidth_gbs()  # the memory-bandwidth ceiling, measured in this run
     extra = clone_adapters(args, data_dir, adapter, 3)
     pool: list[str | None] = [adapter, *extra]
     # Cold load: the first request to each new adapter pays its load; a second one does not.
@@ -359,31 +383,55 @@ def gen_bench(args: argparse.Namespace, client: httpx.Client, data_dir: Path, ad
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.attach:
+        attach(args)
+        return
     data_dir = (args.data_dir or args.out / "data").resolve()
     result: dict[str, Any] = {**run_header(), "model": args.model}
     service = Service(args, data_dir)
     try:
         service.start()
-        result["api_ready_s"] = round(service.wait_ready(900), 1)
-        write_json(args.out / "e2e.json", result)
+        result["api_http_s"] = round(service.wait_for("/healthz", 300), 1)
         with httpx.Client(base_url=service.url, timeout=httpx.Timeout(900)) as client:
-            adapter = e2e(args, client, result)
+            adapter = e2e(args, client, service, result)
             write_json(args.out / "e2e.json", result)
+            if args.keep_api:
+                state = {
+                    "url": service.url,
+                    "pid": service.procs["api"].pid,
+                    "data_dir": str(data_dir),
+                    "adapter": adapter,
+                }
+                write_json(args.state, state)
             if args.gen_bench:
-                bench = gen_bench(args, client, data_dir, adapter)
-                write_json(args.out / "gen_bench.json", bench)
-                print(json.dumps(bench["scenarios"], indent=1))
+                run_gen_bench(args, client, data_dir, adapter)
     except Exception as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
         raise
     finally:
         write_json(args.out / "e2e.json", result)
         service.stop()
-        print(
-            json.dumps(
-                {k: v for k, v in result.items() if k not in ("machine", "versions")}, indent=1, default=str
-            )[:6000]
-        )
+        brief = {k: v for k, v in result.items() if k not in ("machine", "versions")}
+        print(json.dumps(brief, indent=1, default=str)[:6000])
+
+
+def run_gen_bench(args: argparse.Namespace, client: httpx.Client, data_dir: Path, adapter: str) -> None:
+    bench = gen_bench(args, client, data_dir, adapter)
+    write_json(args.out / "gen_bench.json", bench)
+    print(json.dumps(bench["scenarios"], indent=1))
+
+
+def attach(args: argparse.Namespace) -> None:
+    """The generation benchmark on an API left running by an earlier `--keep-api` run; stops it after."""
+    state = json.loads(args.state.read_text())
+    try:
+        with httpx.Client(base_url=state["url"], timeout=httpx.Timeout(900)) as client:
+            client.get("/readyz").raise_for_status()
+            run_gen_bench(args, client, Path(state["data_dir"]), state["adapter"])
+    finally:
+        if args.stop_api:
+            os.killpg(state["pid"], signal.SIGTERM)  # its own session: the API and nothing else
+            time.sleep(10)
 
 
 if __name__ == "__main__":

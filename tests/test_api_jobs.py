@@ -86,6 +86,7 @@ def test_idempotency_key_returns_the_first_job(svc_client: TestClient) -> None:
         ({"dataset": "sample:no-such-sample"}, 422, "dataset"),
         ({"dataset": "/etc/passwd"}, 422, "dataset"),
         ({"dataset": "hf:not an id"}, 422, "dataset"),
+        ({"dataset": "sample:capitals", "base_model": "/etc"}, 422, "base_model"),
         ({"dataset": "file_missing"}, 404, "dataset"),
         ({"dataset": "sample:capitals", "priority": 11}, 422, "priority"),
         ({"dataset": "sample:capitals", "suffix": "has space"}, 422, "suffix"),

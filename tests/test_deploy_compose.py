@@ -148,6 +148,13 @@ def test_pinned_gpu_stack_is_what_unsloth_accepts(dockerfile: list[tuple[str, st
     assert {"unsloth", "bitsandbytes"} <= set(gpu)
     assert any(kind == "RUN" and '".[gpu]"' in arg for kind, arg in dockerfile)
     assert any(kind == "RUN" and "torch==${TORCH_VERSION}" in arg for kind, arg in dockerfile)
+    # Later installs are held to that torch (Unsloth's xformers/torchao could otherwise replace it).
+    env = " ".join(arg for kind, arg in dockerfile if kind == "ENV")
+    assert "PIP_CONSTRAINT=/opt/torch-constraints.txt" in env
+    assert any(
+        kind == "RUN" and "torch==%s" in arg and "/opt/torch-constraints.txt" in arg
+        for kind, arg in dockerfile
+    )
 
 
 def test_command_matches_the_compose_api(compose: dict[str, Any], dockerfile: list[tuple[str, str]]) -> None:

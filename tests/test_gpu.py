@@ -202,7 +202,7 @@ def test_hot_loaded_adapter_reproduces_the_trained_model(
         opt.step()
         opt.zero_grad(set_to_none=True)
     trained.eval()
-    with torch.inference_mode():
+    with torch.no_grad():
         expected = trained(input_ids=ids).logits.float()
     trained.save_pretrained(str(tmp_path / "adapter"))
     del trained, opt
@@ -232,8 +232,8 @@ def test_each_adapter_answers_its_own_task(gpu_engine: Any, gpu_adapters: dict[s
 
     base = _content(_run(gpu_engine, _prompt(), None))
     for task, adapter in gpu_adapters.items():
-        assert _content(_run(gpu_engine, _prompt(), _spec(gpu_engine, adapter))) == ANSWERS[task]
-    assert base not in ANSWERS.values()
+        assert _content(_run(gpu_engine, _prompt(), _spec(gpu_engine, adapter))).startswith(ANSWERS[task])
+    assert not base.startswith(tuple(ANSWERS.values()))
 
 
 def test_switching_adapters_back_and_forth_gives_identical_answers(
@@ -264,9 +264,9 @@ def test_concurrent_mixed_adapter_requests_each_get_their_own_adapter(
     together = [sink.wait() for sink in sinks]
     for (task, question), tokens in zip(jobs, together, strict=True):
         if task is None:
-            assert _content(tokens) not in ANSWERS.values()
+            assert not _content(tokens).startswith(tuple(ANSWERS.values()))
         elif question is None:  # the trained question: the adapter's own answer, never the other's
-            assert _content(tokens) == ANSWERS[task]
+            assert _content(tokens).startswith(ANSWERS[task])
     same = sum(a == b for a, b in zip(together, solo, strict=True))
     with capsys.disabled():
         print(
@@ -287,5 +287,5 @@ def test_unloading_an_adapter_leaves_the_base_and_the_other_adapter_intact(
     gpu_engine.unload(capitals.id)
     assert capitals.id not in gpu_engine.loaded_adapters()
     assert _run(gpu_engine, _prompt(), None) == base_before
-    assert _content(_run(gpu_engine, _prompt(), continents)) == ANSWERS["continents"]
-    assert _content(_run(gpu_engine, _prompt(), capitals)) == ANSWERS["capitals"]  # loads again
+    assert _content(_run(gpu_engine, _prompt(), continents)).startswith(ANSWERS["continents"])
+    assert _content(_run(gpu_engine, _prompt(), capitals)).startswith(ANSWERS["capitals"])  # loads again

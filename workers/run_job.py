@@ -52,7 +52,8 @@ class JobHooks:
 
     def on_step(self, metrics: dict[str, Any]) -> None:
         metrics = {k: v for k, v in _plain(metrics).items() if v is not None}
-        metrics["eta_s"] = self._eta(int(metrics["step"]), metrics.get("total_steps"))
+        if "loss" in metrics:  # training records only: an eval record repeats its step
+            metrics["eta_s"] = self._eta(int(metrics["step"]), metrics.get("total_steps"))
         with Session(self.engine) as session:
             if not queue.record_step(session, self.job_id, self.worker_id, self.attempt, metrics):
                 log.error("job %s is no longer ours; stopping", self.job_id)

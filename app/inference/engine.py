@@ -40,6 +40,37 @@ class _Pending:
         return self.adapter.id if self.adapter else None
 
 
+class _TrackedSink:
+    """Wraps a request's sink so its slot is given back the moment the row ends (before the client
+    hears of it, so a client that asks again at once is not refused), and ends are passed on once."""
+
+    def __init__(self, sink: TokenSink, release: Callable[[], None]) -> None:
+        self._sink = sink
+        self._release = release
+        self._ended = False
+
+    def put_token(self, token_id: int) -> None:
+        self._sink.put_token(token_id)
+
+    def cancelled(self) -> bool:
+        return self._sink.cancelled()
+
+    def finish(self, reason: str, completion_tokens: int) -> None:
+        if self._end():
+            self._sink.finish(reason, completion_tokens)
+
+    def fail(self, error: BaseException) -> None:
+        if self._end():
+            self._sink.fail(error)
+
+    def _end(self) -> bool:
+        if self._ended:
+            return False
+        self._ended = True
+        self._release()
+        return True
+
+
 @dataclass
 class _Command:
     """Work that must run on the engine thread between batches (an unload)."""
@@ -57,7 +88,7 @@ class InferenceEngine:
         self._start_lock = threading.Lock()
         self._pending: list[_Pending] = []
         self._commands: list[_Command] = []
-        self._running = 0  # rows in the batch now on the model
+        self._in_flight = 0  # requests queued or running, against max_concurrent_generations
         self._thread: threading.Thread | None = None
         self._closing = False
         self._released = False  # model given back while a training job runs
@@ -116,15 +147,21 @@ class InferenceEngine:
         adapter: AdapterSpec | None = None,
     ) -> None:
         """Queue one generation; tokens arrive at `sink` from the engine thread. Busy (503) when full."""
-        row = Row(prompt_ids=prompt_ids, params=params, sink=sink)
+        row = Row(prompt_ids=prompt_ids, params=params, sink=_TrackedSink(sink, self._release_slot))
         with self._cond:
             self._refuse_if_unavailable()
+            self._in_flight += 1
             self._pending.append(_Pending(row, adapter))
             self._cond.notify_all()
 
     def in_flight(self) -> int:
+        """Requests queued or running (each holds a slot until its last token is handed over)."""
         with self._cond:
-            return len(self._pending) + self._running
+            return self._in_flight
+
+    def _release_slot(self) -> None:
+        with self._cond:
+            self._in_flight -= 1
 
     def unload(self, adapter_id: str) -> None:
         """Drop an adapter from the cache (idempotent). Waits for the batch in progress, never cuts it."""
@@ -177,7 +214,6 @@ class InferenceEngine:
             batch = [p for p in self._pending if p.key == key][: self.settings.max_batch_size]
             taken = {id(p) for p in batch}
             self._pending = [p for p in self._pending if id(p) not in taken]
-            self._running = len(batch)
             self._count(len(batch))
             return batch
 
@@ -204,8 +240,8 @@ class InferenceEngine:
             log.exception("generation batch failed")
             self._fail(batch, exc)
         finally:
-            with self._cond:
-                self._running = 0
+            # No request may wait forever: a row the batch did not end fails (ended rows ignore this).
+            self._fail(batch, ServiceError("the generation ended without a result; retry"))
 
     def _generate(self, batch: list[_Pending]) -> None:
         assert self._cache is not None
@@ -331,7 +367,7 @@ class InferenceEngine:
             raise Busy("the model is not loaded yet (call start()); retry shortly", retry_after=5)
         if self._released:
             raise self._busy_training()
-        if len(self._pending) + self._running >= self.settings.max_concurrent_generations:
+        if self._in_flight >= self.settings.max_concurrent_generations:
             raise Busy(
                 f"{self.settings.max_concurrent_generations} generations are already queued or running "
                 "(max_concurrent_generations); retry shortly",

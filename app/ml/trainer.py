@@ -11,6 +11,7 @@ one. The adapter is written to a temp folder beside ``output_dir`` and renamed i
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -25,7 +26,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.config import GPU_DEFAULT_MODEL_ID, TINY_MODEL_ID
-from app.ml.data import Example, dataset_fingerprint, encode_examples, load_rows, validate_rows
+from app.ml.data import DatasetError, Example, dataset_fingerprint, encode_examples, load_rows, validate_rows
 from app.ml.modeling import ATTENTION_TARGETS, EXPERT_TARGETS, apply_lora, cuda_available, load_base
 from app.ml.tokenizer import ensure_harmony_assets
 
@@ -170,13 +171,18 @@ def prepare_data(cfg: TrainConfig, data_dir: Path) -> PreparedData:
         train_ex, eval_ex = examples, validate_rows(rows, max_rows=cfg.max_rows)
     else:
         train_ex, eval_ex = _split(examples, cfg.eval_fraction, cfg.seed)
-    enc = {
-        "max_seq_length": cfg.max_seq_length,
-        "default_effort": cfg.reasoning_effort,
-        "train_on_reasoning": cfg.train_on_reasoning,
-    }
-    train = encode_examples(train_ex, **enc)  # type: ignore[arg-type]
-    evaluation = encode_examples(eval_ex, **enc) if eval_ex else None  # type: ignore[arg-type]
+        if not train_ex:
+            raise DatasetError(
+                0, "eval_fraction", f"{cfg.eval_fraction} leaves no rows of {len(examples)} to train on"
+            )
+    encode = functools.partial(
+        encode_examples,
+        max_seq_length=cfg.max_seq_length,
+        default_effort=cfg.reasoning_effort,
+        train_on_reasoning=cfg.train_on_reasoning,
+    )
+    train = encode(train_ex)
+    evaluation = encode(eval_ex) if eval_ex else None
     return PreparedData(train, evaluation, fingerprint, len(train_ex))
 
 
@@ -186,6 +192,7 @@ def prepare_data(cfg: TrainConfig, data_dir: Path) -> PreparedData:
 def _masked_lm_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any) -> Any:
     """Next-token loss computed only where labels are kept: the LM head (201,088 columns) runs on
     the completion positions instead of every position, which is most of a CPU step's cost."""
+    import torch
     import torch.nn.functional as F
 
     labels = inputs["labels"][:, 1:]
@@ -197,13 +204,7 @@ def _masked_lm_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any)
         logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
     )
     count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
-    return loss / torch_clamp_min(count)
-
-
-def torch_clamp_min(count: Any) -> Any:
-    import torch
-
-    return torch.as_tensor(count).clamp(min=1)
+    return loss / torch.as_tensor(count).clamp(min=1)  # a batch without labels gives 0, not 0/0
 
 
 def _trainer_class() -> type:

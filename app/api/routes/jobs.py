@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from app import queue
 from app.api.deps import ReadKey, SessionDep, SettingsDep, TrainKey
-from app.config import Settings
+from app.config import TINY_MODEL_ID, Settings
 from app.exceptions import InvalidInput, ServiceError
 from app.ml.trainer import TrainConfig
 from app.models import Adapter, Job, JobEvent
@@ -31,6 +31,7 @@ from app.schemas import (
 )
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # TrainConfig fields the request sets at its top level, or the server sets from its limits.
 _OWN_FIELDS = {"base_model", "dataset", "seed", "max_rows", "max_bytes"}
 
@@ -51,7 +52,7 @@ def create_job(
     idempotency_key: Annotated[str | None, Header(max_length=255, description="Retry-safe submit.")] = None,
 ) -> JobPublic:
     """Queue a fine-tuning job. The dataset and every hyperparameter are checked now, not an hour from now."""
-    base_model = body.base_model or settings.resolved_base_model()
+    base_model = _base_model(body.base_model, settings)
     source, file_id = queue.resolve_dataset(session, body.dataset)
     config = build_config(session, settings, body, base_model, source)
     if file_id is None and not body.dataset.startswith("hf:"):
@@ -73,6 +74,17 @@ def create_job(
     if not created:
         response.status_code = status.HTTP_200_OK
     return job_public(session, job)
+
+
+def _base_model(requested: str | None, settings: Settings) -> str:
+    """The server's default, or a hub id; server folders only as configured by the operator."""
+    if requested is None or requested in (settings.base_model, settings.resolved_base_model(), TINY_MODEL_ID):
+        return requested or settings.resolved_base_model()
+    if not HUB_ID.fullmatch(requested) or ".." in requested:
+        raise InvalidInput(
+            "base_model", "must be a hub id like owner/name (server paths are set by GPTOSS_BASE_MODEL)"
+        )
+    return requested
 
 
 def build_config(
