@@ -60,8 +60,12 @@ def make_engine(settings: Settings) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
+def make_sessionmaker(engine: Engine, *, immediate: bool = False) -> sessionmaker[Session]:
+    """`immediate=True` for sessions that read and then write: in WAL mode a deferred transaction whose
+    snapshot went stale cannot upgrade to a write (SQLITE_BUSY at once, busy_timeout or not), while
+    BEGIN IMMEDIATE waits its turn for the write lock up front."""
+    bind = engine.execution_options(sqlite_begin="IMMEDIATE") if immediate else engine
+    return sessionmaker(bind, expire_on_commit=False)
 
 
 @contextmanager

@@ -91,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.db = make_engine(settings)
     app.state.sessionmaker = make_sessionmaker(app.state.db)
+    app.state.write_sessionmaker = make_sessionmaker(app.state.db, immediate=True)
     _install_error_handlers(app)
     for module in (health, files, jobs, adapters, generate, openai_compat, plots):
         app.include_router(module.router)

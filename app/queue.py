@@ -353,11 +353,6 @@ def release(session: Session, job_id: str, worker_id: str, reason: str) -> None:
     session.commit()
 
 
-def record_backend(session: Session, job_id: str, backend: str) -> None:
-    session.execute(update(Job).where(Job.id == job_id).values(backend=backend))
-    session.commit()
-
-
 # --- API side -----------------------------------------------------------------------------------------
 
 

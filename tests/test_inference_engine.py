@@ -124,6 +124,20 @@ def test_adapter_whose_files_are_gone_is_not_found(inference_server: LiveServer,
         run(inference_server.engine, prompt(), gone)
 
 
+def test_broken_adapter_is_refused_and_the_engine_keeps_serving(
+    inference_server: LiveServer, task_adapters: dict[str, TrainedAdapter], tmp_path: Path
+) -> None:
+    engine = inference_server.engine
+    folder = copy_adapter(task_adapters["capitals"], tmp_path / "broken")
+    (folder / "adapter_config.json").write_text("{not json")
+    broken = AdapterSpec("adp_broken", "broken", folder, engine.fingerprint)
+    with pytest.raises(Conflict, match="could not be loaded"):
+        run(engine, prompt(), broken)
+    assert "adp_broken" not in engine.loaded_adapters()
+    capitals = spec_for(inference_server, "capitals")
+    assert run(engine, prompt(), capitals) == run(engine, prompt(), capitals)
+
+
 def test_stop_filter_holds_back_a_possible_stop_string() -> None:
     stops = _StopFilter(["END"])
     sent = [stops.feed("Paris E"), stops.feed("N"), stops.feed("D and more")]

@@ -61,7 +61,12 @@ def served(settings: Settings, tmp_path: Path) -> Iterator[tuple[str, Path]]:
             yield f"http://127.0.0.1:{port}", log_path
         finally:
             process.send_signal(signal.SIGINT)
-            process.wait(timeout=30)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # never leave a server behind
+                process.kill()
+                process.wait()
+                raise
 
 
 def _log_lines(path: Path) -> list[dict[str, Any]]:

@@ -79,7 +79,8 @@ class Worker:
         self.settings = settings
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.db = make_engine(settings)
-        self.sessions = make_sessionmaker(self.db)
+        self.sessions = make_sessionmaker(self.db, immediate=True)  # its sessions read, then write
+        self.read_sessions = make_sessionmaker(self.db)  # the frequent cancel check takes no write lock
         self.stopping = threading.Event()
 
     # --- the loop ---------------------------------------------------------------------------------
@@ -154,7 +155,7 @@ class Worker:
                 seen.cancel |= self._beat(job, seen)
                 last_beat = time.monotonic()
             elif not seen.cancel:
-                with self.sessions() as session:
+                with self.read_sessions() as session:
                     seen.cancel = queue.cancel_requested(session, job.id)
             if (seen.cancel or seen.lost or self.stopping.is_set()) and not seen.stop_sent:
                 proc.send_signal(signal.SIGTERM)

@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -31,8 +31,15 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
+def get_write_session(request: Request) -> Iterator[Session]:
+    """For routes that read and then write (BEGIN IMMEDIATE on SQLite; see app.db.make_sessionmaker)."""
+    with request.app.state.write_sessionmaker() as session:
+        yield session
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
+WriteSessionDep = Annotated[Session, Depends(get_write_session)]
 
 # auto_error=False: a missing header is our 401 with our error body, not FastAPI's 403.
 _bearer = HTTPBearer(auto_error=False, description="An API key from scripts/create_api_key.py")
@@ -63,11 +70,17 @@ def create_api_key(session: Session, name: str, scopes: list[str]) -> tuple[ApiK
 def _authenticate(session: Session, credentials: HTTPAuthorizationCredentials | None) -> ApiKey:
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", field="Authorization")
-    key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(credentials.credentials)))
-    if key is None or key.revoked_at is not None:
-        raise Unauthorized("unknown or revoked API key", field="Authorization")
-    session.execute(update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=utcnow()))
+    # One statement that writes first: no read-then-write transaction on the hot path of every request.
+    key = session.scalar(
+        update(ApiKey)
+        .where(ApiKey.key_hash == hash_key(credentials.credentials), ApiKey.revoked_at.is_(None))
+        .values(last_used_at=utcnow())
+        .returning(ApiKey),
+        execution_options={"synchronize_session": False},
+    )
     session.commit()
+    if key is None:
+        raise Unauthorized("unknown or revoked API key", field="Authorization")
     return key
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,7 +76,11 @@ class AdapterCache:
             self.base = self.peft.unload()
             self.peft = None
         else:
-            self.peft.delete_adapter(adapter_id)
+            with (
+                warnings.catch_warnings()
+            ):  # "was active ... setting active adapter to X": we set it per batch
+                warnings.simplefilter("ignore", UserWarning)
+                self.peft.delete_adapter(adapter_id)
         _free_memory()
         log.info("adapter unloaded", extra={"adapter_id": adapter_id})
         return True

@@ -44,16 +44,17 @@ class _TrackedSink:
     """Wraps a request's sink so its slot is given back the moment the row ends (before the client
     hears of it, so a client that asks again at once is not refused), and ends are passed on once."""
 
-    def __init__(self, sink: TokenSink, release: Callable[[], None]) -> None:
+    def __init__(self, sink: TokenSink, release: Callable[[], None], closing: Callable[[], bool]) -> None:
         self._sink = sink
         self._release = release
+        self._closing = closing
         self._ended = False
 
     def put_token(self, token_id: int) -> None:
         self._sink.put_token(token_id)
 
     def cancelled(self) -> bool:
-        return self._sink.cancelled()
+        return self._sink.cancelled() or self._closing()  # shutdown stops rows at their next token
 
     def finish(self, reason: str, completion_tokens: int) -> None:
         if self._end():
@@ -147,7 +148,11 @@ class InferenceEngine:
         adapter: AdapterSpec | None = None,
     ) -> None:
         """Queue one generation; tokens arrive at `sink` from the engine thread. Busy (503) when full."""
-        row = Row(prompt_ids=prompt_ids, params=params, sink=_TrackedSink(sink, self._release_slot))
+        row = Row(
+            prompt_ids=prompt_ids,
+            params=params,
+            sink=_TrackedSink(sink, self._release_slot, lambda: self._closing),
+        )
         with self._cond:
             self._refuse_if_unavailable()
             self._in_flight += 1

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 
 from app import registry
-from app.api.deps import ReadKey, SessionDep, TrainKey
+from app.api.deps import ReadKey, SessionDep, TrainKey, WriteSessionDep
 from app.models import Adapter
 from app.schemas import AdapterPublic, Deleted, Page
 
@@ -34,7 +34,7 @@ def get_adapter(ref: str, session: SessionDep, _key: ReadKey) -> Adapter:
 
 
 @router.delete("/{ref}", response_model=Deleted)
-def delete_adapter(ref: str, request: Request, session: SessionDep, _key: TrainKey) -> Deleted:
+def delete_adapter(ref: str, request: Request, session: WriteSessionDep, _key: TrainKey) -> Deleted:
     """Unload the adapter from the inference engine, then delete its row and its files."""
     adapter = registry.find_adapter(session, ref)
     adapter_id, path = adapter.id, adapter.path

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Form, Query, Request, UploadFile, status
 from sqlalchemy import func, select
 
 from app import queue
-from app.api.deps import ReadKey, SessionDep, SettingsDep, TrainKey
+from app.api.deps import ReadKey, SessionDep, SettingsDep, TrainKey, WriteSessionDep
 from app.config import Settings
 from app.exceptions import Conflict, LimitExceeded, NotFound
 from app.models import FileRecord
@@ -27,7 +27,7 @@ MULTIPART_SLACK = 64 * 1024  # multipart headers and boundaries around the file 
 def upload_file(
     file: UploadFile,
     request: Request,
-    session: SessionDep,
+    session: WriteSessionDep,
     settings: SettingsDep,
     _key: TrainKey,
     purpose: Annotated[str, Form(max_length=32)] = "fine-tune",
@@ -108,7 +108,7 @@ def get_file(file_id: str, session: SessionDep, _key: ReadKey) -> FileRecord:
 
 
 @router.delete("/{file_id}", response_model=Deleted)
-def delete_file(file_id: str, session: SessionDep, _key: TrainKey) -> Deleted:
+def delete_file(file_id: str, session: WriteSessionDep, _key: TrainKey) -> Deleted:
     """Delete a file; refused while a queued or running job uses it."""
     record = _get(session, file_id)
     if users := queue.jobs_using_file(session, file_id):

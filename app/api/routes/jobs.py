@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app import queue
-from app.api.deps import ReadKey, SessionDep, SettingsDep, TrainKey
+from app.api.deps import ReadKey, SessionDep, SettingsDep, TrainKey, WriteSessionDep
 from app.config import TINY_MODEL_ID, Settings
 from app.exceptions import InvalidInput, ServiceError
 from app.ml.trainer import TrainConfig
@@ -46,7 +46,7 @@ def create_job(
     body: JobCreate,
     request: Request,
     response: Response,
-    session: SessionDep,
+    session: WriteSessionDep,
     settings: SettingsDep,
     _key: TrainKey,
     idempotency_key: Annotated[str | None, Header(max_length=255, description="Retry-safe submit.")] = None,
@@ -143,7 +143,7 @@ def get_job(job_id: str, session: SessionDep, _key: ReadKey) -> JobPublic:
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: str, session: SessionDep, _key: TrainKey) -> JobPublic:
+def cancel_job(job_id: str, session: WriteSessionDep, _key: TrainKey) -> JobPublic:
     """Cancel: a queued job at once; a running one within seconds, keeping its checkpoints."""
     return job_public(session, queue.request_cancel(session, job_id))
 
