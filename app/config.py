@@ -73,7 +73,9 @@ class Settings(BaseSettings):
     adapter_cache_size: int = Field(8, ge=1, description="Adapters kept loaded (LRU; pinned ones stay).")
     pinned_adapters: list[str] = Field(default_factory=list, description="Adapter ids never evicted.")
     release_gpu_during_training: bool = Field(
-        False, description="One-GPU hosts: the API frees its model while a training job runs."
+        False,
+        description="One-GPU hosts: the API frees its model while a training job runs, and loads it "
+        "again only once no job has run for release_cooldown_s (so it does not reload between queued jobs).",
     )
     load_model_on_start: bool = Field(True, description="Load the base model when the API starts.")
     batch_window_ms: float = Field(
@@ -86,6 +88,13 @@ class Settings(BaseSettings):
         2.0,
         gt=0,
         description="With release_gpu_during_training: how often the engine looks for running jobs.",
+    )
+    release_cooldown_s: float = Field(
+        15.0,
+        ge=0,
+        description="With release_gpu_during_training: how long no job must be running before the model is "
+        "loaded again. Longer than the worker's gap between finishing one job and claiming the next "
+        "(worker_poll_s), so a queue of jobs keeps the GPU and the model is not reloaded between them.",
     )
 
     # --- worker --------------------------------------------------------------------------------------

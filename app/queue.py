@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import immediate_session, utcnow
 from app.exceptions import Conflict, DatasetInvalid, InvalidInput, NotFound, TransitionError
-from app.ml.data import DatasetError, load_rows, sample_names, validate_rows
+from app.ml.data import DatasetError, encode_examples, load_rows, sample_names, validate_rows
 from app.models import FileRecord, Job, JobEvent
 
 FINAL_STATUSES = ("succeeded", "failed", "cancelled")
@@ -62,7 +62,9 @@ def create_job(session: Session, new: NewJob, *, idempotency_key: str | None = N
             "metadata": new.metadata,
         }
     )
-    if idempotency_key and (found := _by_idempotency_key(session, idempotency_key, digest)):
+    # Scoped per API key: two callers picking the same Idempotency-Key each get their own job.
+    scoped_key = scope_idempotency_key(idempotency_key, new.api_key_id) if idempotency_key else None
+    if scoped_key and (found := _by_idempotency_key(session, scoped_key, digest)):
         return found, False
     job = Job(
         base_model=new.base_model,
@@ -73,7 +75,7 @@ def create_job(session: Session, new: NewJob, *, idempotency_key: str | None = N
         priority=new.priority,
         meta=new.metadata or {},
         max_attempts=new.max_attempts,
-        idempotency_key=idempotency_key,
+        idempotency_key=scoped_key,
         request_hash=digest,
         api_key_id=new.api_key_id,
     )
@@ -82,12 +84,18 @@ def create_job(session: Session, new: NewJob, *, idempotency_key: str | None = N
         session.flush()
     except IntegrityError:  # a concurrent request with the same key won the insert
         session.rollback()
-        if idempotency_key and (found := _by_idempotency_key(session, idempotency_key, digest)):
+        if scoped_key and (found := _by_idempotency_key(session, scoped_key, digest)):
             return found, False
         raise
     add_event(session, job.id, "status", message="queued")
     session.commit()
     return job, True
+
+
+def scope_idempotency_key(key: str, api_key_id: str | None) -> str:
+    """The stored form `<api key id>:<key>` (`-` without auth): the column's unique index then holds
+    per API key, and still guards concurrent inserts in local mode, where a NULL key id would not."""
+    return f"{api_key_id or '-'}:{key}"
 
 
 def _by_idempotency_key(session: Session, key: str, digest: str) -> Job | None:
@@ -148,8 +156,11 @@ def list_events(
     return rows[:limit], len(rows) > limit
 
 
-def jobs_using_file(session: Session, file_id: str) -> Sequence[str]:
-    query = select(Job.id).where(Job.file_id == file_id, Job.status.in_(("queued", "running")))
+def jobs_using_file(session: Session, record: FileRecord) -> Sequence[str]:
+    """Active jobs that read this upload, as their dataset or as hyperparameters.eval_dataset (the
+    config holds the upload's resolved path there, see resolve_dataset)."""
+    uses = or_(Job.file_id == record.id, Job.config["eval_dataset"].as_string() == record.path)
+    query = select(Job.id).where(uses, Job.status.in_(("queued", "running")))
     return list(session.scalars(query))
 
 
@@ -411,9 +422,25 @@ def record_step(session: Session, job_id: str, worker_id: str, attempt: int, met
     return True
 
 
-def record_total_steps(session: Session, job_id: str, total_steps: int) -> None:
-    session.execute(update(Job).where(Job.id == job_id).values(total_steps=total_steps))
+def record_total_steps(session: Session, job_id: str, worker_id: str, total_steps: int) -> bool:
+    """Returns False once the job isn't ours (requeued, cancelled): the caller then stops."""
+    return _record_owned(session, job_id, worker_id, total_steps=total_steps)
+
+
+def record_backend(session: Session, job_id: str, worker_id: str, backend: str) -> bool:
+    """Set as soon as the child knows it, so running, failed and cancelled jobs show it too."""
+    return _record_owned(session, job_id, worker_id, backend=backend)
+
+
+def _record_owned(session: Session, job_id: str, worker_id: str, **values: Any) -> bool:
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running", Job.worker_id == worker_id)
+        .values(updated_at=utcnow(), **values),
+        execution_options={"synchronize_session": False},
+    )
     session.commit()
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 # --- datasets (checked by the API before queueing, resolved again by the child) ---------------------------
@@ -440,6 +467,31 @@ def resolve_dataset(session: Session, dataset: str) -> tuple[str, str | None]:
 def validate_dataset_file(path: Path, settings: Settings) -> int:
     """Read and validate a whole dataset; DatasetInvalid names the first bad row. Returns the row count."""
     return len(load_dataset(str(path), settings, field="file"))
+
+
+def check_job_datasets(config: dict[str, Any], settings: Settings) -> None:
+    """Before queueing: load, validate and encode (harmony-render) the job's dataset and eval_dataset,
+    so a row longer than max_seq_length fails now, naming the row, rather than in the worker.
+    hf: datasets need the network, which only the worker may have; it checks them."""
+    sources = [("dataset", config["dataset"]), ("hyperparameters.eval_dataset", config.get("eval_dataset"))]
+    for field, source in sources:
+        if source and not source.startswith("hf:"):
+            _check_encodes(load_dataset(source, settings, field=field), config, settings, field)
+
+
+def _check_encodes(examples: list[Any], config: dict[str, Any], settings: Settings, field: str) -> None:
+    from app.ml.tokenizer import ensure_harmony_assets
+
+    ensure_harmony_assets(settings.models_path)  # the offline o200k_harmony files the renderer reads
+    try:
+        encode_examples(
+            examples,
+            max_seq_length=config["max_seq_length"],
+            default_effort=config["reasoning_effort"],
+            train_on_reasoning=config["train_on_reasoning"],
+        )
+    except DatasetError as err:
+        raise DatasetInvalid(field, str(err), row=err.row or None) from None
 
 
 def load_dataset(source: str, settings: Settings, *, field: str = "dataset") -> list[Any]:

@@ -50,7 +50,7 @@ class JobCreate(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "dataset": "sample:multilingual-thinking",
+                    "dataset": "sample:capitals",
                     "suffix": "pirate",
                     "seed": 42,
                     "hyperparameters": {"max_steps": 60, "learning_rate": 2e-4, "lora_r": 8},
@@ -99,7 +99,11 @@ class JobCreate(BaseModel):
 
 
 class JobError(BaseModel):
-    code: str
+    code: str = Field(
+        description="invalid_dataset, invalid_job, training_error, out_of_memory, child_crashed, "
+        "worker_lost (lease expired, no attempts left), adapter_registration_failed, or internal_error "
+        "(the worker could not record the result; see its log)."
+    )
     message: str
 
 

@@ -95,13 +95,22 @@ def inference_settings(data_dir: Path, models_dir: Path, **overrides: object) ->
     return Settings(**values)
 
 
-def copy_adapter(adapter: TrainedAdapter, dest: Path, *, fingerprint: str | None = None) -> Path:
-    """A copy of an adapter folder (a "new" adapter), optionally claiming another base's fingerprint."""
+def copy_adapter(
+    adapter: TrainedAdapter,
+    dest: Path,
+    *,
+    fingerprint: str | None = None,
+    manifest: dict[str, Any] | None = None,
+) -> Path:
+    """A copy of an adapter folder (a "new" adapter), optionally claiming another base's fingerprint,
+    or with other manifest keys changed (a None value removes the key)."""
     shutil.copytree(adapter.path, dest)
-    if fingerprint is not None:
-        manifest = json.loads((dest / "manifest.json").read_text())
-        manifest["base_fingerprint"] = fingerprint
-        (dest / "manifest.json").write_text(json.dumps(manifest))
+    changes = {**(manifest or {}), **({"base_fingerprint": fingerprint} if fingerprint else {})}
+    if changes:
+        recorded = json.loads((dest / "manifest.json").read_text())
+        recorded.update(changes)
+        recorded = {key: value for key, value in recorded.items() if value is not None}
+        (dest / "manifest.json").write_text(json.dumps(recorded))
     return dest
 
 

@@ -93,3 +93,25 @@ def test_same_content_twice_shares_the_bytes_until_both_are_deleted(
     assert stored.is_file()  # the second record still uses these bytes
     svc_client.delete(f"/files/{second['id']}")
     assert not stored.exists()
+
+
+def test_upload_without_a_file_part_names_the_field(svc_client: TestClient) -> None:
+    response = svc_client.post("/files", data={"purpose": "fine-tune"})
+    assert response.status_code == 422 and response.json()["error"]["field"] == "file"
+
+
+def test_bad_listing_queries_name_the_field(svc_client: TestClient) -> None:
+    for params, field in [({"limit": 0}, "limit"), ({"after": "not-a-cursor"}, "after")]:
+        response = svc_client.get("/files", params=params)
+        assert response.status_code == 422 and response.json()["error"]["field"] == field, params
+
+
+def test_an_upload_used_as_eval_dataset_cannot_be_deleted(svc_client: TestClient) -> None:
+    record = upload(svc_client, _rows(4)).json()
+    body = {"dataset": "sample:capitals", "hyperparameters": {"max_steps": 2, "eval_dataset": record["id"]}}
+    job = svc_client.post("/jobs", json=body)
+    assert job.status_code == 201, job.text
+    refused = svc_client.delete(f"/files/{record['id']}")
+    assert refused.status_code == 409 and job.json()["id"] in refused.json()["error"]["message"]
+    svc_client.post(f"/jobs/{job.json()['id']}/cancel")
+    assert svc_client.delete(f"/files/{record['id']}").status_code == 200

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
+from app.ml.data import SAMPLES_DIR
 from tests.fixtures_service import SMALL_TRAINING, all_events
 
 
@@ -181,3 +183,61 @@ def test_openapi_documents_the_routes_with_examples(svc_client: TestClient) -> N
         assert path in spec["paths"], path
     assert spec["components"]["schemas"]["JobCreate"]["examples"]
     assert svc_client.get("/docs").status_code == 200
+
+
+def test_openapi_examples_of_job_create_are_accepted(svc_client: TestClient) -> None:
+    examples = svc_client.get("/openapi.json").json()["components"]["schemas"]["JobCreate"]["examples"]
+    for example in examples:
+        response = svc_client.post("/jobs", json=example)
+        assert response.status_code == 201, response.text
+
+
+def test_rows_longer_than_max_seq_length_are_refused_before_queueing(svc_client: TestClient) -> None:
+    # The capitals rows render to about 105 harmony tokens each.
+    response = svc_client.post(
+        "/jobs", json={"dataset": "sample:capitals", "hyperparameters": {"max_seq_length": 64}}
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_dataset" and error["field"] == "dataset" and error["row"] == 1
+    assert "row 1, field 'messages'" in error["message"] and "max_seq_length 64" in error["message"]
+    assert svc_client.get("/jobs").json()["data"] == []  # nothing was queued
+
+
+def test_eval_dataset_contents_are_checked_before_queueing(svc_client: TestClient) -> None:
+    lines = (SAMPLES_DIR / "capitals.jsonl").read_text().splitlines()[:3]
+    long_row = json.loads(lines[1])
+    long_row["messages"][1]["content"] = "Paris. " * 100  # far past max_seq_length 256
+    lines[1] = json.dumps(long_row)
+    content = ("\n".join(lines) + "\n").encode()
+    record = svc_client.post("/files", files={"file": ("eval.jsonl", content, "application/jsonl")}).json()
+    hyper = {**SMALL_TRAINING, "eval_dataset": record["id"]}
+    response = svc_client.post("/jobs", json={"dataset": "sample:capitals", "hyperparameters": hyper})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["field"] == "hyperparameters.eval_dataset" and error["row"] == 2
+    assert "row 2, field 'messages'" in error["message"] and "max_seq_length 256" in error["message"]
+    fine = svc_client.post(
+        "/jobs", json={"dataset": "sample:capitals", "hyperparameters": {**hyper, "max_seq_length": 2048}}
+    )
+    assert fine.status_code == 201, fine.text
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "field"),
+    [
+        ("/jobs", {"limit": 0}, "limit"),
+        ("/jobs", {"after": "not-a-job-id"}, "after"),
+        ("/jobs/{id}/events", {"limit": 0}, "limit"),
+        ("/jobs/{id}/events", {"kind": "gossip"}, "kind"),
+        ("/jobs/{id}/events", {"after": "yesterday"}, "after"),
+        ("/jobs/{id}/events", {"after": -1}, "after"),
+    ],
+)
+def test_bad_list_queries_name_the_field(
+    svc_client: TestClient, path: str, params: dict[str, Any], field: str
+) -> None:
+    job = submit(svc_client)
+    response = svc_client.get(path.format(id=job["id"]), params=params)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["field"] == field

@@ -104,3 +104,14 @@ def test_auth_none_is_announced_loudly(svc_settings: Settings, caplog: pytest.Lo
     with caplog.at_level("WARNING"), TestClient(create_app(svc_settings)) as client:
         assert client.get("/jobs").status_code == 200  # no key needed
     assert any("GPTOSS_AUTH=none" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
+def test_idempotency_keys_are_scoped_per_api_key(keyed_client: TestClient, keys: dict[str, str]) -> None:
+    body = {"dataset": "sample:capitals", "hyperparameters": {"max_steps": 2}}
+    same = {"Idempotency-Key": "nightly-run"}
+    trainer = keyed_client.post("/jobs", json=body, headers={**bearer(keys["train,read"]), **same})
+    admin = keyed_client.post("/jobs", json=body, headers={**bearer(keys["admin"]), **same})
+    assert (trainer.status_code, admin.status_code) == (201, 201)  # each key gets its own job
+    assert trainer.json()["id"] != admin.json()["id"]
+    again = keyed_client.post("/jobs", json=body, headers={**bearer(keys["admin"]), **same})
+    assert again.status_code == 200 and again.json()["id"] == admin.json()["id"]

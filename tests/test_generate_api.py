@@ -149,8 +149,30 @@ def test_adapter_for_another_base_is_409(
     )
     inference_server.register("adp_alien", "alien", folder)
     error = _error(post(inference_server, body(adapter="alien")), 409)
-    assert "another base model" in error["message"]
+    assert error["field"] == "adapter"
+    assert "trained for another base model: 'tiny-gpt-oss' (fingerprint aaaaaaaaaaaa)" in error["message"]
+    loaded = inference_server.engine.fingerprint[:12]
+    assert f"this server runs 'tiny-gpt-oss' (fingerprint {loaded})" in error["message"]
     assert "adp_alien" not in inference_server.engine.loaded_adapters()
+    # An adapter whose manifest records no fingerprint cannot be checked, so it is not served either.
+    folder = copy_adapter(
+        task_adapters["capitals"],
+        inference_server.settings.adapters_dir / "adp_unsigned",
+        manifest={"base_fingerprint": None},
+    )
+    inference_server.register("adp_unsigned", "unsigned", folder)
+    error = _error(post(inference_server, body(adapter="unsigned")), 409)
+    assert "does not record which base model" in error["message"] and "base_fingerprint" in error["message"]
+
+
+def test_default_max_new_tokens_fits_a_lower_cap(inference_server: LiveServer) -> None:
+    cap = inference_server.settings.max_new_tokens_cap
+    assert cap < 512  # the fixture's cap is below the default, the case this covers
+    payload = body(adapter="capitals")
+    del payload["max_new_tokens"]
+    response = post(inference_server, payload)
+    assert response.status_code == 200, response.text
+    assert 1 <= response.json()["usage"]["completion_tokens"] <= cap
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,6 @@ giving the model back while a training job runs."""
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,29 +79,6 @@ def test_switching_adapters_back_and_forth_gives_identical_answers(inference_ser
     assert len({next(iter(outputs)) for outputs in seen.values()}) == 3  # three different models
 
 
-def test_16_concurrent_mixed_requests_each_get_their_solo_answer(inference_server: LiveServer) -> None:
-    engine = inference_server.engine
-    questions = [QUESTION, "Name the capital city of France.", "Tell me about Paris and its history, please."]
-    tasks: list[str | None] = ["capitals", "continents", None]
-    rng = random.Random(7)
-    jobs = [(rng.choice(tasks), rng.choice(questions)) for _ in range(16)]
-    # Different prompt lengths in one batch exercise the left padding; one seeded sampled row checks
-    # that per-row generators make sampling independent of batch neighbours too.
-    params = [GREEDY] * 15 + [SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=11)]
-    solo = [
-        run(engine, prompt(q), spec_for(inference_server, t) if t else None, p)
-        for (t, q), p in zip(jobs, params, strict=True)
-    ]
-    batched_before = engine.stats["batched_rows"]
-    sinks = [CollectingSink() for _ in jobs]
-    for (task, question), p, sink in zip(jobs, params, sinks, strict=True):
-        engine.submit(prompt(question), p, sink, spec_for(inference_server, task) if task else None)
-    together = [sink.wait() for sink in sinks]
-    assert together == solo
-    assert engine.stats["batched_rows"] > batched_before  # they really shared batches
-    assert len({tuple(t) for t in together}) > 3  # not all the same answer
-
-
 def test_adapter_for_another_base_is_refused_not_applied(
     inference_server: LiveServer, task_adapters: dict[str, TrainedAdapter], tmp_path: Path
 ) -> None:
@@ -116,6 +92,39 @@ def test_adapter_for_another_base_is_refused_not_applied(
     with pytest.raises(Conflict, match="another base model"):
         run(engine, prompt(), lying)
     assert "adp_lying" not in engine.loaded_adapters()
+
+
+def test_adapter_must_record_this_exact_base_model(
+    inference_server: LiveServer, task_adapters: dict[str, TrainedAdapter], tmp_path: Path
+) -> None:
+    engine = inference_server.engine
+
+    def spec(name: str, **manifest: Any) -> AdapterSpec:
+        folder = copy_adapter(task_adapters["capitals"], tmp_path / name, manifest=manifest)
+        return AdapterSpec(f"adp_{name}", name, folder, engine.fingerprint)
+
+    # Same architecture fingerprint, another model id (a different checkpoint of the same shape).
+    other = spec("renamed", base_model="acme/gpt-oss-20b-ft")
+    with pytest.raises(Conflict) as err:
+        engine.check_adapter(other)
+    assert "trained for another base model: 'acme/gpt-oss-20b-ft'" in err.value.message
+    assert "this server runs 'tiny-gpt-oss'" in err.value.message
+    with pytest.raises(Conflict, match="acme/gpt-oss-20b-ft"):  # refused at load time too
+        run(engine, prompt(), other)
+    # The row alone may be the one that disagrees.
+    row_says = AdapterSpec("adp_row", "row", task_adapters["capitals"].path, engine.fingerprint, "acme/x")
+    with pytest.raises(Conflict, match="'acme/x'"):
+        engine.check_adapter(row_says)
+    # An adapter that does not say which base it was trained for is refused, not trusted.
+    for missing in ["base_fingerprint", "base_model"]:
+        silent = spec(f"no-{missing}", **{missing: None})
+        with pytest.raises(Conflict, match=f"has no {missing}"):
+            engine.check_adapter(silent)
+    gone_manifest = spec("no-manifest")
+    (gone_manifest.path / "manifest.json").unlink()
+    with pytest.raises(Conflict, match="does not record which base model"):
+        run(engine, prompt(), gone_manifest)
+    assert not {"adp_renamed", "adp_no-manifest"} & set(engine.loaded_adapters())
 
 
 def test_adapter_whose_files_are_gone_is_not_found(inference_server: LiveServer, tmp_path: Path) -> None:
@@ -212,31 +221,42 @@ def test_model_is_released_while_a_training_job_runs(tmp_path: Path, models_dir:
     from app.models import Job
 
     settings = inference_settings(
-        tmp_path / "data", models_dir, release_gpu_during_training=True, release_poll_s=0.05
+        tmp_path / "data",
+        models_dir,
+        release_gpu_during_training=True,
+        release_poll_s=0.05,
+        release_cooldown_s=2.0,
     )
     upgrade_to_head(settings)
     sessions = make_sessionmaker(make_engine(settings))
     with sessions() as session:
-        session.add(
-            Job(
-                id="ftjob_1",
-                status="running",
-                base_model="tiny-gpt-oss",
-                dataset="sample:capitals",
-                config={},
+        for job_id, status in [("ftjob_1", "running"), ("ftjob_2", "queued")]:
+            session.add(
+                Job(id=job_id, status=status, base_model="tiny-gpt-oss", dataset="sample:capitals", config={})
             )
-        )
         session.commit()
+
+    def set_status(job_id: str, status: str) -> None:
+        with sessions() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(status=status))
+            session.commit()
+
     engine = InferenceEngine(settings, training_probe=training_probe_from_db(settings))
     engine.start()
     try:
         _wait_for(lambda: not engine.is_ready())
         with pytest.raises(Busy, match="training job"):
             engine.submit(prompt(), GREEDY, CollectingSink())
-        with sessions() as session:
-            session.execute(update(Job).where(Job.id == "ftjob_1").values(status="succeeded"))
-            session.commit()
+        # The worker finishes one job and claims the next queued one a moment later: many polls see
+        # no running job, but within the cool-down, so the model is not reloaded only to be dropped.
+        set_status("ftjob_1", "succeeded")
+        time.sleep(0.5)
+        set_status("ftjob_2", "running")
+        time.sleep(0.2)
+        assert not engine.is_ready() and engine.stats["reloads"] == 0
+        set_status("ftjob_2", "succeeded")
         _wait_for(engine.is_ready)
+        assert engine.stats["releases"] == 1 and engine.stats["reloads"] == 1
         assert run(engine, prompt(), None)
     finally:
         engine.close()

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from app.ml.modeling import (
@@ -13,10 +14,14 @@ from app.ml.modeling import (
     cuda_available,
     ensure_tiny_model,
     full_config,
+    hf_load_kwargs,
+    keep_packed_samples_apart,
+    load_base,
     pick_backend,
     resolve_model_path,
     tiny_config,
 )
+from app.ml.trainer import TrainConfig, check_packing
 
 
 def test_tiny_model_has_the_gpt_oss_features(models_dir: Path) -> None:
@@ -54,3 +59,43 @@ def test_backend_choice_without_cuda() -> None:
         pick_backend("unsloth")
     with pytest.raises(ValueError, match="backend must be one of auto, unsloth, hf"):
         pick_backend("vllm")
+
+
+def test_packed_rows_do_not_see_each_other(models_dir: Path) -> None:
+    """Two rows packed into one sequence (position_ids restart at 0, no attention mask, as TRL's
+    padding-free collator sends them) give each row exactly the logits it gets alone. Without the
+    hook GPT-OSS's eager attention lets the second row attend to the first."""
+    model = load_base("tiny-gpt-oss", backend="hf", models_dir=models_dir, for_training=False).model
+    first, second = torch.arange(100, 140).unsqueeze(0), torch.arange(500, 530).unsqueeze(0)
+    packed = torch.cat([first, second], dim=1)
+    positions = torch.cat([torch.arange(40), torch.arange(30)]).unsqueeze(0)  # > sliding window 32
+    with torch.inference_mode():
+        alone = torch.cat([model(input_ids=first).logits, model(input_ids=second).logits], dim=1)
+        mixed = model(input_ids=packed, position_ids=positions, use_cache=False).logits
+        handle = keep_packed_samples_apart(model)
+        apart = model(input_ids=packed, position_ids=positions, use_cache=False).logits
+        unpacked = model(input_ids=first, position_ids=torch.arange(40).unsqueeze(0), use_cache=False).logits
+    handle.remove()
+    assert not torch.allclose(mixed[:, 40:], alone[:, 40:], atol=1e-2)  # the contamination the hook stops
+    assert torch.allclose(apart, alone, atol=1e-4)
+    assert torch.allclose(unpacked, alone[:, :40], atol=1e-4)  # unpacked batches are unchanged
+
+
+def test_packing_is_refused_where_rows_could_mix() -> None:
+    check_packing(TrainConfig(packing=True), "hf")  # the hf backend keeps packed rows apart
+    with pytest.raises(ValueError, match="packing=true is not supported on the unsloth backend"):
+        check_packing(TrainConfig(packing=True), "unsloth")
+    check_packing(TrainConfig(packing=False), "unsloth")
+
+
+def test_mxfp4_checkpoints_load_dequantized_in_the_asked_dtype(models_dir: Path, tmp_path: Path) -> None:
+    """openai/gpt-oss-* declare MXFP4 in config.json; training and export both load them as plain
+    16-bit experts (on CUDA transformers would otherwise keep the MXFP4 kernels, which LoRA cannot
+    merge into)."""
+    config = json.loads((ensure_tiny_model(models_dir) / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    kwargs = hf_load_kwargs(str(tmp_path), load_in_4bit=True, dtype=torch.bfloat16)
+    assert kwargs["quantization_config"].dequantize is True and kwargs["dtype"] == torch.bfloat16
+    plain = hf_load_kwargs(str(ensure_tiny_model(models_dir)), load_in_4bit=False)
+    assert "quantization_config" not in plain and plain["attn_implementation"] == "eager"

@@ -9,13 +9,16 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+import shutil
+
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 
 from app.ml.export import merge_adapter
 from app.ml.harmony import render_prompt
-from app.ml.modeling import load_base
+from app.ml.modeling import ensure_tiny_model, load_base, load_hf_model
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -107,3 +110,37 @@ def test_export_merges_adapter_into_base(trained_adapter: Path, models_dir: Path
     assert not torch.allclose(got, base_logits, atol=1e-3)  # the merge changed the weights
     with pytest.raises(FileExistsError):
         merge_adapter(trained_adapter, merged_dir, models_dir=models_dir, dtype="float32")
+
+
+def _mxfp4_tiny_model(models_dir: Path, folder: Path) -> Path:
+    """The tiny model laid out as openai/gpt-oss-* ship: experts as MXFP4 ``*_blocks`` (two 4-bit
+    values a byte, 32 per block) + ``*_scales`` (one power-of-two exponent a block), declared in
+    config.json. Random blocks; scale 124 = 2**-3 keeps the weights small."""
+    shutil.copytree(ensure_tiny_model(models_dir), folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    generator = torch.Generator().manual_seed(0)
+    for name in [n for n in weights if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts, rows, cols = weights.pop(name).shape  # stored transposed: [E, out, in/32, 16]
+        shape = (experts, cols, rows // 32)
+        weights[f"{name}_blocks"] = torch.randint(0, 256, (*shape, 16), dtype=torch.uint8, generator=generator)
+        weights[f"{name}_scales"] = torch.full(shape, 124, dtype=torch.uint8)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_export_merges_into_an_mxfp4_base(trained_adapter: Path, models_dir: Path, tmp_path: Path) -> None:
+    base = _mxfp4_tiny_model(models_dir, tmp_path / "mxfp4-base")
+    merged_dir = merge_adapter(trained_adapter, tmp_path / "merged", models_dir=models_dir, base=str(base))
+    merged_config = json.loads((merged_dir / "config.json").read_text())
+    assert "quantization_config" not in merged_config  # a plain 16-bit model, loadable anywhere
+    experts = load_file(str(merged_dir / "model.safetensors"))["model.layers.0.mlp.experts.gate_up_proj"]
+    assert experts.dtype == torch.bfloat16 and experts.shape == (4, 64, 128)
+    ids = torch.tensor([render_prompt([{"role": "user", "content": "Capital of Japan?"}])])
+    with torch.inference_mode():
+        dequantized = load_hf_model(str(base), load_in_4bit=False, dtype=torch.bfloat16)
+        expected = PeftModel.from_pretrained(dequantized, str(trained_adapter)).eval()(input_ids=ids).logits
+        got = load_hf_model(str(merged_dir), load_in_4bit=False, dtype=torch.bfloat16)(input_ids=ids).logits
+    assert torch.allclose(got.float(), expected.float(), atol=0.15)  # bf16 merge rounding

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import calendar
+import os
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -22,9 +26,31 @@ def chat(**extra: Any) -> dict[str, Any]:
 
 
 def test_models_lists_the_base_and_every_adapter(client: openai.OpenAI) -> None:
-    ids = [m.id for m in client.models.list()]
-    assert ids[0] == "tiny-gpt-oss"
-    assert {"capitals", "continents"} <= set(ids)
+    models = client.models.list().data
+    assert models[0].id == "tiny-gpt-oss"
+    assert {"capitals", "continents"} <= {m.id for m in models}
+    adapters = [m for m in models if m.owned_by == "adapter"]
+    assert all(abs(m.created - time.time()) < 3600 for m in adapters)  # registered by this session
+
+
+def test_created_times_are_utc_whatever_the_local_zone() -> None:
+    """The database keeps naive UTC; reading it as local time would shift `created` by the zone."""
+    from app.api.routes.openai_compat import unix_time
+
+    stored = datetime(2026, 1, 2, 3, 4, 5)  # naive, as SQLite returns it
+    expected = calendar.timegm(stored.timetuple())
+    old_tz = os.environ.get("TZ")
+    os.environ["TZ"] = "America/New_York"  # five hours from UTC: the old bug would show here
+    time.tzset()
+    try:
+        assert unix_time(stored) == expected
+        assert unix_time(stored.replace(tzinfo=UTC)) == expected
+    finally:
+        if old_tz is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = old_tz
+        time.tzset()
 
 
 def test_chat_completion_with_an_adapter_matches_generate(
@@ -80,14 +106,29 @@ def test_streaming_assembles_to_the_same_message(client: openai.OpenAI) -> None:
     assert usage is not None and usage.completion_tokens >= 1
 
 
-def test_reasoning_effort_is_honoured(client: openai.OpenAI, inference_server: LiveServer) -> None:
-    from app.ml.harmony import render_prompt
+def test_reasoning_effort_is_honoured(
+    client: openai.OpenAI, inference_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.ml.harmony import encoding, render_prompt
 
+    # Watch what the route hands the real engine (the call still goes through to it).
+    engine = inference_server.engine
+    submitted: list[list[int]] = []
+    real_submit = engine.submit
+
+    def watching_submit(prompt_ids: list[int], *args: Any, **kwargs: Any) -> None:
+        submitted.append(list(prompt_ids))
+        real_submit(prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "submit", watching_submit)
     turns = [{"role": "user", "content": QUESTION}]
     for effort in ["low", "high"]:
         done = client.chat.completions.create(model="capitals", **chat(reasoning_effort=effort))
-        expected = render_prompt(turns, developer=DEVELOPER, reasoning_effort=effort)
-        assert done.usage is not None and done.usage.prompt_tokens == len(expected)
+        assert submitted[-1] == render_prompt(turns, developer=DEVELOPER, reasoning_effort=effort)
+        assert done.usage is not None and done.usage.prompt_tokens == len(submitted[-1])
+    low, high = (encoding().decode(ids) for ids in submitted)
+    assert "Reasoning: low" in low and "Reasoning: high" in high
+    assert low.replace("Reasoning: low", "Reasoning: high") == high  # the effort is the only difference
     with pytest.raises(openai.UnprocessableEntityError) as err:
         client.chat.completions.create(model="tiny-gpt-oss", **chat(reasoning_effort="extreme"))
     assert err.value.body["param"] == "reasoning_effort"  # type: ignore[index]

@@ -95,6 +95,7 @@ def test_cancel_while_running_keeps_the_checkpoint(
     assert svc_client.post(f"/jobs/{job_id}/cancel").json()["cancel_requested"] is True
     job = wait_status(svc_client, job_id, "cancelled", "failed", "succeeded", timeout=60)
     assert job["status"] == "cancelled", job["error"]
+    assert job["backend"] == "hf"  # recorded when the model was loaded, not only on success
     assert job["progress"]["step"] < LONG_TRAINING["max_steps"] // 10  # stopped at once, not at the end
     checkpoints = svc_client.get(f"/jobs/{job_id}/checkpoints").json()["data"]
     assert checkpoints and checkpoints[-1]["step"] == job["progress"]["step"]  # saved on the way out
@@ -132,17 +133,66 @@ def test_sigkilled_worker_job_resumes_elsewhere_without_lost_or_repeated_steps(
     assert second.poll() is None
 
 
-def test_sigterm_checkpoints_and_requeues(svc_client: TestClient, start_worker: StartWorker) -> None:
+def test_sigterm_checkpoints_and_requeues_then_another_worker_resumes(
+    svc_client: TestClient, start_worker: StartWorker
+) -> None:
     worker = start_worker()
-    job_id = submit(svc_client, hyperparameters=LONG_TRAINING)
+    steps = 8  # checkpoints only when stopped (save_steps past the end): the resume must use that one
+    job_id = submit(svc_client, hyperparameters={**SMALL_TRAINING, "max_steps": steps, "save_steps": 100})
     wait_for(lambda: job_status(svc_client, job_id)["progress"]["step"] >= 1, 150, "the first step")
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=60) == 0
     job = job_status(svc_client, job_id)
     assert job["status"] == "queued" and job["attempts"] == 0  # a clean hand-back is not a failed attempt
+    assert job["progress"]["step"] < steps, "finished before the SIGTERM"
     checkpoints = svc_client.get(f"/jobs/{job_id}/checkpoints").json()["data"]
     assert checkpoints and checkpoints[-1]["step"] == job["progress"]["step"]
     assert any("shut down; checkpoint kept" in e["message"] for e in all_events(svc_client, job_id, "status"))
+
+    second = start_worker()
+    job = wait_status(svc_client, job_id, "succeeded", "failed", "cancelled")
+    assert job["status"] == "succeeded", job["error"]
+    assert job["attempts"] == 1 and job["backend"] == "hf"
+    assert steps_of(svc_client, job_id) == list(range(1, steps + 1))  # each step exactly once
+    resumed = f"resuming from checkpoint-{checkpoints[-1]['step']}"
+    assert any(e["message"] == resumed for e in all_events(svc_client, job_id, "log"))
+    assert second.poll() is None
+
+
+def test_cancel_while_the_model_loads_stops_at_once(
+    svc_client: TestClient, start_worker: StartWorker, svc_settings: Settings
+) -> None:
+    worker = start_worker()
+    job_id = submit(svc_client)
+    # The child records its backend just before it prepares the data and loads the model.
+    wait_for(lambda: job_status(svc_client, job_id)["backend"], 150, "the child to pick its backend")
+    svc_client.post(f"/jobs/{job_id}/cancel")
+    job = wait_status(svc_client, job_id, "cancelled", "failed", "succeeded", timeout=60)
+    assert job["status"] == "cancelled", job["error"]
+    assert job["backend"] == "hf" and job["progress"]["step"] == 0  # shown although it never trained
+    assert svc_client.get(f"/jobs/{job_id}/checkpoints").json()["data"] == []
+    attempt_log = (svc_settings.jobs_dir / job_id / "attempt-1.log").read_text()
+    assert "stop requested before the first step; exiting now" in attempt_log
+    assert worker.poll() is None
+
+
+def test_several_workers_run_each_job_exactly_once(svc_client: TestClient, start_worker: StartWorker) -> None:
+    # Two workers on two cores: more would only queue up for the CPU here.
+    workers = [start_worker("--worker-id", f"w{n}") for n in range(2)]
+    one_step = {**SMALL_TRAINING, "max_steps": 1, "save_steps": 1}
+    job_ids = [submit(svc_client, hyperparameters=one_step) for _ in range(4)]
+    ran_on = set()
+    for job_id in job_ids:
+        job = wait_status(svc_client, job_id, "succeeded", "failed", "cancelled", timeout=240)
+        assert job["status"] == "succeeded" and job["attempts"] == 1, job["error"]
+        claims = [
+            e["message"] for e in all_events(svc_client, job_id, "status") if "running on" in e["message"]
+        ]
+        assert len(claims) == 1, claims
+        ran_on.add(claims[0].split()[2])
+        assert steps_of(svc_client, job_id) == [1]
+    assert ran_on == {"w0", "w1"}  # the work was shared, not run by one worker while the other idled
+    assert all(worker.poll() is None for worker in workers)
 
 
 def test_crashing_jobs_fail_clearly_and_the_worker_goes_on(

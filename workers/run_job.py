@@ -43,12 +43,26 @@ class JobHooks:
     def __init__(self, engine: Engine, job: Job, worker_id: str) -> None:
         self.engine, self.job_id, self.attempt, self.worker_id = engine, job.id, job.attempts, worker_id
         self.stop = threading.Event()
+        # Set at the first step end of this attempt. Before it nothing this attempt did needs saving,
+        # so a stop request ends the process at once (see _stop_on_sigterm) instead of at a step end.
+        self.stepped = False
+        self.lock = threading.Lock()
         self._next_cancel_poll = 0.0
         self._clock: tuple[float, int] | None = None  # (time, step) of this attempt's first report
 
     def on_start(self, total_steps: int) -> None:
         with Session(self.engine) as session:
-            queue.record_total_steps(session, self.job_id, total_steps)
+            if not queue.record_total_steps(session, self.job_id, self.worker_id, total_steps):
+                self._lost()
+
+    def on_backend(self, backend: str) -> None:
+        with Session(self.engine) as session:
+            if not queue.record_backend(session, self.job_id, self.worker_id, backend):
+                self._lost()
+
+    def _lost(self) -> None:
+        log.error("job %s is no longer ours; stopping", self.job_id)
+        self.stop.set()
 
     def on_step(self, metrics: dict[str, Any]) -> None:
         metrics = {k: v for k, v in _plain(metrics).items() if v is not None}
@@ -56,8 +70,7 @@ class JobHooks:
             metrics["eta_s"] = self._eta(int(metrics["step"]), metrics.get("total_steps"))
         with Session(self.engine) as session:
             if not queue.record_step(session, self.job_id, self.worker_id, self.attempt, metrics):
-                log.error("job %s is no longer ours; stopping", self.job_id)
-                self.stop.set()
+                self._lost()
 
     def _eta(self, step: int, total: int | None) -> float | None:
         """Seconds left at this attempt's average step time so far (model loading excluded)."""
@@ -75,6 +88,9 @@ class JobHooks:
         self._event("checkpoint", message=f"checkpoint at step {step}", step=step, data={"path": str(path)})
 
     def should_stop(self) -> bool:
+        """Asked by the trainer after every optimizer step; True saves a checkpoint, then returns."""
+        with self.lock:
+            self.stepped = True
         if not self.stop.is_set() and time.monotonic() >= self._next_cancel_poll:
             self._next_cancel_poll = time.monotonic() + CANCEL_POLL_S
             with Session(self.engine) as session:
@@ -103,6 +119,7 @@ def adapter_identity(job: Job) -> tuple[str, str]:
 
 
 def train_job(settings: Settings, engine: Engine, job: Job, hooks: JobHooks) -> dict[str, Any]:
+    from app.ml.modeling import pick_backend
     from app.ml.trainer import TrainConfig, train
 
     adapter_id, adapter_name = adapter_identity(job)
@@ -118,6 +135,9 @@ def train_job(settings: Settings, engine: Engine, job: Job, hooks: JobHooks) -> 
     with Session(engine) as session:
         source, _ = queue.resolve_dataset(session, job.dataset)
     config = TrainConfig(**{**job.config, "dataset": source})
+    # load_base picks the backend with this same function; recording it before the (long) load
+    # means running, failed and cancelled jobs show it too, not only succeeded ones.
+    hooks.on_backend(pick_backend(config.backend))
     settings.adapters_dir.mkdir(parents=True, exist_ok=True)
     result = train(
         config,
@@ -138,8 +158,8 @@ def run(job_id: str) -> dict[str, Any]:
     with Session(engine, expire_on_commit=False) as session:
         job = queue.get_job(session, job_id)
     hooks = JobHooks(engine, job, worker_id)
-    signal.signal(signal.SIGTERM, lambda *_: hooks.stop.set())  # finish the step, checkpoint, return
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the worker, which decides
+    _stop_on_sigterm(settings, hooks)
     _watch_parent(hooks)
     try:
         return train_job(settings, engine, job, hooks)
@@ -154,6 +174,27 @@ def run(job_id: str) -> dict[str, Any]:
         log.error("job %s failed: %s", job_id, traceback.format_exc())
         code = "out_of_memory" if "out of memory" in str(err).lower() else "training_error"
         return {"status": "failed", "code": code, "message": f"{type(err).__name__}: {err}"[:2000]}
+
+
+def _stop_on_sigterm(settings: Settings, hooks: JobHooks) -> None:
+    """SIGTERM (cancel, worker shutdown, lost lease) is taken by a thread, not a Python signal handler:
+    a handler runs only when the main thread gets back to bytecode, which can be minutes into loading
+    a 20B model. Before this attempt's first step end there is nothing to save, so the process ends
+    at once; after it, the trainer stops at the next step end, after a checkpoint."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit this
+
+    def wait() -> None:
+        signal.sigwait({signal.SIGTERM})
+        hooks.stop.set()
+        with hooks.lock:  # held to the exit: should_stop cannot mark a step in between
+            if hooks.stepped:
+                return
+            log.info("job %s: stop requested before the first step; exiting now", hooks.job_id)
+            write_result(settings, hooks.job_id, {"status": "stopped", "step": None})
+            logging.shutdown()
+            os._exit(0)
+
+    threading.Thread(target=wait, daemon=True, name="sigterm").start()
 
 
 def _watch_parent(hooks: JobHooks) -> None:

@@ -36,6 +36,7 @@ from app.config import Settings, get_settings
 from app.db import ROOT, make_engine, make_sessionmaker, upgrade_to_head
 from app.exceptions import ServiceError, TransitionError
 from app.models import Job
+from app.observability import configure_logging, log_context
 
 log = logging.getLogger("workers.worker")
 
@@ -105,7 +106,8 @@ class Worker:
     def _run_guarded(self, job: Job) -> None:
         """One job's trouble (run_job's finally has written its final state) never ends the loop."""
         try:
-            self.run_job(job)
+            with log_context(job_id=job.id):
+                self.run_job(job)
         except Exception:
             log.exception("job %s: the worker hit an error; going on with the next job", job.id)
 
@@ -152,11 +154,12 @@ class Worker:
         last_beat, stop_at = 0.0, 0.0
         while proc.poll() is None:
             if time.monotonic() - last_beat >= self.settings.heartbeat_s:
-                seen.cancel |= self._beat(job, seen)
-                last_beat = time.monotonic()
+                beat = self._beat(job, seen)
+                if beat is not None:  # None: the database was busy; beat again on the next tick
+                    seen.cancel |= beat
+                    last_beat = time.monotonic()
             elif not seen.cancel:
-                with self.read_sessions() as session:
-                    seen.cancel = queue.cancel_requested(session, job.id)
+                seen.cancel = self._cancel_asked(job)
             if (seen.cancel or seen.lost or self.stopping.is_set()) and not seen.stop_sent:
                 proc.send_signal(signal.SIGTERM)
                 seen.stop_sent, stop_at = True, time.monotonic()
@@ -165,7 +168,12 @@ class Worker:
                 proc.kill()
             time.sleep(tick)
 
-    def _beat(self, job: Job, seen: Supervision) -> bool:
+    def _beat(self, job: Job, seen: Supervision) -> bool | None:
+        """Extend the lease; returns whether a cancel was asked, or None when the database was busy.
+
+        A locked database (OperationalError past busy_timeout) must not kill a healthy job: the lease
+        is many heartbeats long, so retrying on the next tick keeps it. Only a lease really lost
+        (TransitionError: someone requeued the job) stops the child."""
         try:
             with self.sessions() as session:
                 return queue.heartbeat(session, job.id, self.worker_id, self.settings.lease_s)
@@ -173,6 +181,17 @@ class Worker:
             if not seen.lost:
                 log.error("job %s: lease lost (requeued by another worker?); stopping the child", job.id)
             seen.lost = True
+            return False
+        except OperationalError as err:
+            log.warning("job %s: heartbeat failed (%s); retrying", job.id, err)
+            return None
+
+    def _cancel_asked(self, job: Job) -> bool:
+        try:
+            with self.read_sessions() as session:
+                return queue.cancel_requested(session, job.id)
+        except OperationalError as err:  # busy database: ask again on the next tick
+            log.warning("job %s: cancel check failed (%s); retrying", job.id, err)
             return False
 
     # --- the end of one job ---------------------------------------------------------------------------
@@ -238,6 +257,10 @@ class Worker:
                 job_id=job.id,
             )
         except (ServiceError, FileNotFoundError) as err:
+            # No row points at the folder, and a retry would only fail the same way: do not leave
+            # an unregistered adapter on disk (the folder is this job's own, adp_<job id tail>).
+            session.rollback()
+            registry.delete_adapter_files(result["adapter_path"])
             queue.finish_failed(
                 session, job.id, self.worker_id, code="adapter_registration_failed", message=str(err)
             )
@@ -290,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker-id", help="Name in the jobs table; default <host>-<pid>.")
     args = parser.parse_args(argv)
     settings = get_settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings)  # JSON lines like the API's (GPTOSS_LOG_JSON), with the job id
     worker = Worker(settings, args.worker_id)
     signal.signal(signal.SIGTERM, worker.request_stop)
     signal.signal(signal.SIGINT, worker.request_stop)

@@ -24,26 +24,63 @@ from app.inference.types import AdapterSpec
 log = logging.getLogger(__name__)
 
 
-def check_fingerprint(spec: AdapterSpec, base_fingerprint: str, base_model: str) -> None:
-    """Refuse an adapter trained on another base: its deltas would silently corrupt this one's answers."""
-    if spec.fingerprint and spec.fingerprint != base_fingerprint:
+def check_adapter_files(spec: AdapterSpec, base_fingerprint: str, base_model: str) -> None:
+    """NotFound when the adapter's files are gone; Conflict unless both the registry row and the
+    manifest on disk (the last word) say it was trained on exactly this base: same architecture
+    fingerprint and same model id. An adapter that does not say is refused too: applied to the wrong
+    base its deltas would silently corrupt the answers rather than fail."""
+    if not (spec.path / "adapter_config.json").is_file():
+        raise NotFound(f"adapter '{spec.name}' has no files at {spec.path} (deleted?)", field="adapter")
+    # The row is checked for what it records; what it leaves out, the manifest must record.
+    row_fingerprint, row_model = spec.fingerprint or base_fingerprint, spec.base_model or base_model
+    if row_fingerprint != base_fingerprint or row_model != base_model:
+        recorded_model = spec.base_model or "(not recorded)"
+        check_base(spec.name, row_fingerprint, recorded_model, base_fingerprint, base_model)
+    fingerprint, model = manifest_base(spec)
+    check_base(spec.name, fingerprint, model, base_fingerprint, base_model, source="its manifest.json")
+
+
+def check_base(
+    name: str,
+    fingerprint: str | None,
+    model: str | None,
+    base_fingerprint: str,
+    base_model: str,
+    source: str = "its registry row",
+) -> None:
+    """Conflict (409) unless `fingerprint` and `model` (what the adapter records) name the loaded base."""
+    loaded = f"this server runs '{base_model}' (fingerprint {base_fingerprint[:12]})"
+    if not fingerprint or not model:
+        missing = "base_fingerprint" if not fingerprint else "base_model"
         raise Conflict(
-            f"adapter '{spec.name}' was trained for another base model "
-            f"(fingerprint {spec.fingerprint[:12]}); "
-            f"this server runs '{base_model}' (fingerprint {base_fingerprint[:12]}). "
+            f"adapter '{name}' does not record which base model it was trained for "
+            f"({source} has no {missing}); {loaded}. Retrain it with this service so it can be checked.",
+            field="adapter",
+        )
+    if fingerprint != base_fingerprint or model != base_model:
+        raise Conflict(
+            f"adapter '{name}' was trained for another base model: '{model}' "
+            f"(fingerprint {fingerprint[:12]}); {loaded}. "
             "Serve it from a server running its base model, or retrain it on this one.",
             field="adapter",
         )
 
 
-def manifest_fingerprint(spec: AdapterSpec) -> str | None:
-    """The fingerprint the adapter's own manifest records; the files are the last word, not the row."""
+def manifest_base(spec: AdapterSpec) -> tuple[str | None, str | None]:
+    """(fingerprint, base model id) as the adapter's own manifest records them; the files are the last
+    word, not the row."""
     path = spec.path / "manifest.json"
     if not path.is_file():
-        return None
-    manifest = json.loads(path.read_text())
-    value = manifest.get("base_fingerprint") or manifest.get("fingerprint")
-    return str(value) if value else None
+        return None, None
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError:
+        return None, None  # unreadable counts as not recorded: refused with that reason
+    if not isinstance(manifest, dict):
+        return None, None
+    fingerprint = manifest.get("base_fingerprint") or manifest.get("fingerprint")
+    model = manifest.get("base_model")
+    return (str(fingerprint) if fingerprint else None), (str(model) if model else None)
 
 
 class AdapterCache:
@@ -100,14 +137,8 @@ class AdapterCache:
             yield self.peft
 
     def _check_files(self, spec: AdapterSpec) -> None:
-        if not (spec.path / "adapter_config.json").is_file():
-            raise NotFound(f"adapter '{spec.name}' has no files at {spec.path} (deleted?)", field="adapter")
-        check_fingerprint(spec, self.fingerprint, self.base_model)
-        on_disk = manifest_fingerprint(spec)
-        if on_disk is not None:
-            check_fingerprint(
-                AdapterSpec(spec.id, spec.name, spec.path, on_disk), self.fingerprint, self.base_model
-            )
+        # Checked again at load time: the files may have changed since the request was accepted.
+        check_adapter_files(spec, self.fingerprint, self.base_model)
 
     def _make_room(self) -> None:
         while len(self.loaded) >= self.capacity:

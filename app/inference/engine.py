@@ -12,6 +12,7 @@ sees another adapter's weights.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from typing import Any
 
 from app.config import Settings
 from app.exceptions import Busy, ServiceError
-from app.inference.adapters import AdapterCache, _free_memory, check_fingerprint
+from app.inference.adapters import AdapterCache, _free_memory, check_adapter_files
 from app.inference.decoding import Row, decode_batch
 from app.inference.types import AdapterSpec, SamplingParams, TokenSink
 
@@ -94,9 +95,10 @@ class InferenceEngine:
         self._closing = False
         self._released = False  # model given back while a training job runs
         self._next_probe = 0.0
+        self._idle_since: float | None = None  # when the probe first saw no running job, while released
         self._loaded: Any = None  # app.ml.modeling.LoadedBase
         # Counters for /metrics and tests: batches run, rows run, rows that shared their batch.
-        self.stats = {"batches": 0, "rows": 0, "batched_rows": 0, "cancelled": 0}
+        self.stats = {"batches": 0, "rows": 0, "batched_rows": 0, "cancelled": 0, "releases": 0, "reloads": 0}
         self._cache: AdapterCache | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -137,8 +139,9 @@ class InferenceEngine:
     # --- requests ------------------------------------------------------------------------------
 
     def check_adapter(self, adapter: AdapterSpec) -> None:
-        """Conflict (409) now, rather than at load time, when the adapter belongs to another base."""
-        check_fingerprint(adapter, self.fingerprint, self.base_model_id)
+        """NotFound (404) when its files are gone, Conflict (409) when it does not record this base
+        (fingerprint and model id): now, before it is queued, rather than at load time."""
+        check_adapter_files(adapter, self.fingerprint, self.base_model_id)
 
     def submit(
         self,
@@ -280,6 +283,11 @@ class InferenceEngine:
 
         started = time.monotonic()
         ensure_harmony_assets(self.settings.models_path)  # render_prompt needs its vocab file, offline
+        # Unsloth's grouped 4-bit expert path caches which adapter's expert LoRA it applies and,
+        # seen on an H200 (bench/results/gpu-tests-2026-11-28.txt), kept applying the first adapter
+        # after a second one was loaded: another adapter's answer. Its per-expert path goes through
+        # PEFT's own modules, which honour set_adapter. Read per call by Unsloth; training is untouched.
+        os.environ["UNSLOTH_GPTOSS_GROUPED"] = "0"
         self._loaded = load_base(
             self.base_model_id,
             backend=self.settings.backend,
@@ -333,15 +341,26 @@ class InferenceEngine:
         except Exception:  # a database hiccup must not stop generation; look again next time
             log.exception("could not read the job table")
             return
-        if training and not self._released:
-            self._release()
-        elif not training and self._released:
+        if training:
+            self._idle_since = None
+            if not self._released:
+                self._release()
+        elif self._released and self._cooled_down():
             self._reacquire()
+
+    def _cooled_down(self) -> bool:
+        """True once no job has run for release_cooldown_s. Between two queued jobs the worker takes a
+        moment to claim the next one; reloading in that gap would only be released again at once."""
+        now = time.monotonic()
+        if self._idle_since is None:
+            self._idle_since = now
+        return now - self._idle_since >= self.settings.release_cooldown_s
 
     def _release(self) -> None:
         log.info("training job running: releasing the model's memory")
         with self._cond:
             self._released = True
+        self.stats["releases"] += 1
         self._fail_pending(self._busy_training())
         self._drop_model()
 
@@ -355,6 +374,7 @@ class InferenceEngine:
         with self._cond:
             self._released = False
             self._cond.notify_all()
+        self.stats["reloads"] += 1
 
     def _busy_training(self) -> Busy:
         return Busy(

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 ReasoningEffortField = Literal["low", "medium", "high"]
 MAX_STOP_STRINGS = 4
+DEFAULT_MAX_NEW_TOKENS = 512  # /generate's default, lowered to the server's cap when that is smaller
 
 
 def _check_stop(value: str | list[str] | None) -> list[str]:
@@ -35,7 +36,12 @@ class GenerateRequest(BaseModel):
     prompt: str | None = Field(None, description="Shorthand for one user message.", max_length=1_000_000)
     developer: str | None = Field(None, description="Developer instructions (harmony developer message).")
     reasoning_effort: ReasoningEffortField = "medium"
-    max_new_tokens: int = Field(512, ge=1, description="Capped by the server's max_new_tokens_cap.")
+    max_new_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="At most the server's max_new_tokens_cap; "
+        f"omitted: min({DEFAULT_MAX_NEW_TOKENS}, that cap).",
+    )
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy (deterministic).")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, description="Makes sampling repeatable.")

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.exceptions import InvalidInput, ServiceError
 from app.inference.engine import InferenceEngine
+from app.inference.schemas import DEFAULT_MAX_NEW_TOKENS
 from app.inference.stream import Assembler, Completion, TokenStream
 from app.inference.types import AdapterSpec, SamplingParams
 
@@ -41,13 +42,22 @@ def resolve_adapter(session: Session, engine: InferenceEngine, ref: str | None) 
     from app.registry import find_adapter
 
     row = find_adapter(session, ref)
-    spec = AdapterSpec(id=row.id, name=row.name, path=Path(row.path), fingerprint=row.base_fingerprint)
+    spec = AdapterSpec(
+        id=row.id,
+        name=row.name,
+        path=Path(row.path),
+        fingerprint=row.base_fingerprint,
+        base_model=row.base_model,
+    )
     engine.check_adapter(spec)
     return spec
 
 
-def check_max_new_tokens(value: int, settings: Settings, field: str = "max_new_tokens") -> int:
+def check_max_new_tokens(value: int | None, settings: Settings, field: str = "max_new_tokens") -> int:
+    """The request's limit, or (omitted) the default resolved now against this server's cap."""
     cap = settings.max_new_tokens_cap
+    if value is None:
+        return min(DEFAULT_MAX_NEW_TOKENS, cap)
     if value > cap:
         raise InvalidInput(field, f"must be at most {cap}; ask for fewer (max_new_tokens_cap)")
     return value

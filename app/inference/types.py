@@ -15,6 +15,7 @@ class AdapterSpec:
     name: str
     path: Path
     fingerprint: str | None
+    base_model: str | None = None  # the row's base model id; None = only the manifest on disk is checked
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def sample_names() -> list[str]:
     return sorted(p.name.removesuffix(".jsonl") for p in SAMPLES_DIR.glob("*.jsonl"))
 
 
-def _resolve_path(source: str, data_dir: Path) -> Path:
+def _resolve_path(source: str, data_dir: Path | None) -> Path:
     if source.startswith("sample:"):
         name = source.removeprefix("sample:")
         path = SAMPLES_DIR / f"{name}.jsonl"
@@ -58,7 +58,7 @@ def _resolve_path(source: str, data_dir: Path) -> Path:
             )
         return path
     path = Path(source).expanduser()
-    if not path.is_absolute() and (Path(data_dir) / path).is_file():
+    if data_dir is not None and not path.is_absolute() and (Path(data_dir) / path).is_file():
         path = Path(data_dir) / path
     if not path.is_file():
         raise DatasetError(
@@ -99,7 +99,7 @@ def _load_hub(dataset_id: str, *, max_rows: int) -> list[dict]:
     return [dict(row) for row in ds]
 
 
-def load_rows(source: str, *, data_dir: Path, max_rows: int, max_bytes: int) -> list[dict]:
+def load_rows(source: str, *, data_dir: Path | None, max_rows: int, max_bytes: int) -> list[dict]:
     """Raw rows from ``sample:<name>``, a JSONL path (relative paths try ``data_dir`` first) or
     ``hf:<dataset id>`` (connected hosts only)."""
     if source.startswith("hf:"):

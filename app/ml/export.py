@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from app.ml.modeling import config_fingerprint, resolve_model_path
+from app.ml.modeling import config_fingerprint, load_hf_model, resolve_model_path
 from app.ml.tokenizer import load_tokenizer
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -38,20 +38,18 @@ def check_fits(manifest: dict[str, Any], config: Any, base: str) -> None:
 def merge_adapter(
     adapter_dir: Path, out_dir: Path, *, models_dir: Path, base: str | None = None, dtype: str = "bfloat16"
 ) -> Path:
-    """Load ``base`` (default: the adapter's manifest base) unquantised in ``dtype``, merge the
-    adapter into it and save model + tokenizer + ``merged_from.json`` to ``out_dir``."""
+    """Load ``base`` (default: the adapter's manifest base) unquantised in ``dtype`` (MXFP4 experts of
+    openai/gpt-oss-* dequantized, as for training), merge the adapter into it and save model +
+    tokenizer + ``merged_from.json`` to ``out_dir``."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
     manifest = read_manifest(adapter_dir)
     base = base or manifest["base_model"]
     path = resolve_model_path(base, models_dir)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=getattr(torch, dtype), attn_implementation="eager"
-    )
+    model = load_hf_model(path, load_in_4bit=False, dtype=getattr(torch, dtype))
     check_fits(manifest, model.config, base)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     return _save_atomically(merged, load_tokenizer(base, models_dir), manifest, Path(out_dir))

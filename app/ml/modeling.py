@@ -241,31 +241,44 @@ def _load_unsloth(path: str, *, load_in_4bit: bool, max_seq_length: int) -> tupl
     return model, tokenizer
 
 
-def _hf_load_kwargs(path: str, *, load_in_4bit: bool) -> dict[str, Any]:
+def hf_load_kwargs(path: str, *, load_in_4bit: bool, dtype: Any = None) -> dict[str, Any]:
+    """from_pretrained arguments: eager attention (sinks), fp32 on CPU / bf16 on CUDA unless ``dtype``
+    is given, nf4 on CUDA when asked, and MXFP4 checkpoints (openai/gpt-oss-*) dequantized."""
     import torch
 
     if not cuda_available():
-        return {"dtype": torch.float32, "attn_implementation": "eager"}
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16, "device_map": "auto", "attn_implementation": "eager"}
-    if load_in_4bit and importlib.util.find_spec("bitsandbytes") is not None:
+        kwargs: dict[str, Any] = {"dtype": dtype or torch.float32, "attn_implementation": "eager"}
+    else:
+        kwargs = {"dtype": dtype or torch.bfloat16, "device_map": "auto", "attn_implementation": "eager"}
+    if cuda_available() and load_in_4bit and importlib.util.find_spec("bitsandbytes") is not None:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
         )
+    if _is_mxfp4(path):
+        from transformers.utils.quantization_config import Mxfp4Config
+
+        # openai/gpt-oss-* ship MXFP4 experts; LoRA (training or merging) needs them as plain
+        # 16-bit tensors, so they are dequantized into kwargs["dtype"] on load.
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     return kwargs
 
 
-def _load_hf(path: str, *, load_in_4bit: bool) -> Any:
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils.quantization_config import Mxfp4Config
+def _is_mxfp4(path: str) -> bool:
+    from transformers import AutoConfig
 
-    kwargs = _hf_load_kwargs(path, load_in_4bit=load_in_4bit)
     quant = getattr(AutoConfig.from_pretrained(path), "quantization_config", None)
-    if isinstance(quant, dict) and quant.get("quant_method") == "mxfp4":
-        # openai/gpt-oss-* ship MXFP4 experts; LoRA training needs them dequantized to bf16.
-        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return isinstance(quant, dict) and quant.get("quant_method") == "mxfp4"
+
+
+def load_hf_model(path: str, *, load_in_4bit: bool, dtype: Any = None) -> Any:
+    """A transformers GptOssForCausalLM, loaded as ``hf_load_kwargs`` says (used by training and export)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        path, **hf_load_kwargs(path, load_in_4bit=load_in_4bit, dtype=dtype)
+    )
 
 
 def load_base(
@@ -285,7 +298,7 @@ def load_base(
     if chosen == "unsloth":
         model, _ = _load_unsloth(path, load_in_4bit=load_in_4bit, max_seq_length=max_seq_length)
     else:
-        model = _load_hf(path, load_in_4bit=load_in_4bit)
+        model = load_hf_model(path, load_in_4bit=load_in_4bit)
     if not for_training:
         model.eval()
     tokenizer = load_tokenizer(model_id, models_dir)
@@ -332,8 +345,57 @@ def apply_lora(
     if gradient_checkpointing and cuda_available():
         loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         loaded.model.enable_input_require_grads()
+    import torch
+
+    # LoRA A matrices are drawn from the global RNG: seed it so a seed gives the same adapter init
+    # whatever ran before in this process (Unsloth's random_state does the same on its backend).
+    torch.manual_seed(seed)
     return get_peft_model(loaded.model, config)
 
 
 def tokenizer_folder(models_dir: Path) -> Path:
     return Path(models_dir) / HARMONY_DIRNAME
+
+
+def _packed_masks_hook(
+    module: Any, args: tuple, kwargs: dict[str, Any]
+) -> tuple[tuple, dict[str, Any]] | None:
+    """Forward pre-hook on GptOssModel: a padding-free (packed) batch arrives with position_ids that
+    restart at 0 for every sample and no attention_mask. GptOssModel does not pass position_ids to
+    its mask builders, so eager attention would let each sample see the ones packed before it; here
+    the masks are built from position_ids (block-diagonal causal, and sliding-window for the
+    sliding layers) and handed in precomputed, which GptOssModel accepts as a dict."""
+    import torch
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None or kwargs.get("attention_mask") is not None:
+        return None
+    if kwargs.get("past_key_values") is not None:  # decoding with a cache is never packed
+        return None
+    ids = kwargs.get("input_ids")
+    batch = ids.shape[0] if ids is not None else kwargs["inputs_embeds"].shape[0]
+    # The mask builders read only the shape, dtype and device of inputs_embeds.
+    weight = module.embed_tokens.weight
+    shape_only = torch.empty(
+        (batch, position_ids.shape[-1], 0), dtype=weight.dtype, device=position_ids.device
+    )
+    mask_kwargs = {
+        "config": module.config,
+        "inputs_embeds": shape_only,
+        "attention_mask": None,
+        "past_key_values": None,
+        "position_ids": position_ids,
+    }
+    kwargs["attention_mask"] = {
+        "full_attention": create_causal_mask(**mask_kwargs),
+        "sliding_attention": create_sliding_window_causal_mask(**mask_kwargs),
+    }
+    return args, kwargs
+
+
+def keep_packed_samples_apart(model: Any) -> Any:
+    """Make a transformers GPT-OSS model honour packed batches (see ``_packed_masks_hook``); returns
+    the hook handle. Unpacked batches are untouched: the masks built then are the usual causal ones."""
+    inner = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+    return inner.register_forward_pre_hook(_packed_masks_hook, with_kwargs=True)

@@ -23,14 +23,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.config import GPU_DEFAULT_MODEL_ID, TINY_MODEL_ID
 from app.ml.data import DatasetError, Example, dataset_fingerprint, encode_examples, load_rows, validate_rows
-from app.ml.modeling import ATTENTION_TARGETS, EXPERT_TARGETS, apply_lora, cuda_available, load_base
+from app.ml.modeling import (
+    ATTENTION_TARGETS,
+    EXPERT_TARGETS,
+    apply_lora,
+    cuda_available,
+    keep_packed_samples_apart,
+    load_base,
+    pick_backend,
+)
 from app.ml.tokenizer import ensure_harmony_assets
 
 MANIFEST = "manifest.json"
+# Schedules that need nothing beyond warmup_steps (reduce_lr_on_plateau, cosine_with_min_lr and
+# warmup_stable_decay need extra arguments this config does not carry).
+SchedulerName = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+]
+# The 8-bit optimizers need bitsandbytes on CUDA; _optim refuses them elsewhere.
+OptimName = Literal[
+    "auto", "adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adamw_8bit", "paged_adamw_8bit"
+]
 
 
 class TrainConfig(BaseModel):
@@ -48,43 +71,60 @@ class TrainConfig(BaseModel):
     eval_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="share of dataset held out when no eval_dataset"
     )
-    max_rows: int = Field(100_000, ge=1, description="most rows a dataset may have")
-    max_bytes: int = Field(100 * 1024 * 1024, ge=1, description="largest dataset file, bytes")
+    max_rows: int = Field(100_000, ge=1, le=10_000_000, description="most rows a dataset may have")
+    max_bytes: int = Field(
+        100 * 1024 * 1024, ge=1, le=10 * 1024**3, description="largest dataset file, bytes"
+    )
     max_seq_length: int = Field(
-        1024, ge=16, le=131072, description="longest tokenised row; longer rows are errors"
+        1024,
+        ge=16,
+        le=131072,
+        description="longest tokenised row (gpt-oss context: 131072); longer rows are errors",
     )
     train_on_reasoning: bool = Field(True, description="also put loss on the analysis (reasoning) channel")
     reasoning_effort: Literal["low", "medium", "high"] = Field(
         "medium", description="'Reasoning:' level rendered for rows that do not set their own"
     )
-    lora_r: int = Field(8, ge=1, le=1024, description="LoRA rank")
-    lora_alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r)")
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA input")
+    lora_r: int = Field(8, ge=1, le=256, description="LoRA rank")
+    lora_alpha: int = Field(16, ge=1, le=1024, description="LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = Field(
+        0.0, ge=0.0, le=0.5, description="dropout on the LoRA input; PEFT's expert LoRA needs 0"
+    )
     target_modules: list[str] = Field(
-        default_factory=lambda: list(ATTENTION_TARGETS), description="nn.Linear modules that get LoRA"
+        default_factory=lambda: list(ATTENTION_TARGETS),
+        max_length=16,
+        description="nn.Linear modules that get LoRA",
     )
     target_parameters: list[str] = Field(
-        default_factory=lambda: list(EXPERT_TARGETS), description="3-D MoE expert parameters that get LoRA"
+        default_factory=lambda: list(EXPERT_TARGETS),
+        max_length=16,
+        description="3-D MoE expert parameters that get LoRA",
     )
-    packing: bool = Field(False, description="pack rows into max_seq_length sequences (TRL bfd)")
-    max_steps: int = Field(30, ge=0, description="optimizer steps; 0 = use num_train_epochs")
-    num_train_epochs: float = Field(1.0, gt=0, description="epochs when max_steps is 0")
-    per_device_train_batch_size: int = Field(1, ge=1, description="rows per micro-batch")
-    gradient_accumulation_steps: int = Field(4, ge=1, description="micro-batches per optimizer step")
-    learning_rate: float = Field(2e-4, gt=0, description="peak learning rate")
-    lr_scheduler_type: str = Field(
-        "linear", description="transformers scheduler name (linear, cosine, constant...)"
+    packing: bool = Field(
+        False,
+        description="pack rows into max_seq_length sequences (TRL bfd); samples are kept apart by "
+        "block-diagonal masks on the hf backend, refused on unsloth",
     )
-    warmup_steps: int = Field(5, ge=0, description="linear warm-up steps")
-    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay")
-    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
-    optim: str = Field("auto", description="'auto' = adamw_8bit on CUDA with bitsandbytes, else adamw_torch")
+    max_steps: int = Field(30, ge=0, le=100_000, description="optimizer steps; 0 = use num_train_epochs")
+    num_train_epochs: float = Field(1.0, gt=0, le=100, description="epochs when max_steps is 0")
+    per_device_train_batch_size: int = Field(1, ge=1, le=256, description="rows per micro-batch")
+    gradient_accumulation_steps: int = Field(4, ge=1, le=1024, description="micro-batches per optimizer step")
+    learning_rate: float = Field(2e-4, gt=0, le=0.01, description="peak learning rate (LoRA: 1e-5 to 1e-3)")
+    lr_scheduler_type: SchedulerName = Field("linear", description="transformers learning-rate schedule")
+    warmup_steps: int = Field(5, ge=0, le=100_000, description="linear warm-up steps")
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, gt=0, le=1000.0, description="gradient clipping")
+    optim: OptimName = Field(
+        "auto", description="'auto' = adamw_8bit on CUDA with bitsandbytes, else adamw_torch"
+    )
     gradient_checkpointing: bool = Field(True, description="trade compute for memory (CUDA only)")
-    seed: int = Field(3407, description="seed for LoRA init, data order and dropout")
-    save_steps: int = Field(10, ge=1, description="checkpoint every N steps")
-    save_total_limit: int = Field(2, ge=1, description="checkpoints kept")
-    eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps (default: save_steps)")
-    logging_steps: int = Field(1, ge=1, description="report metrics every N steps")
+    seed: int = Field(3407, ge=0, le=2**32 - 1, description="seed for LoRA init, data order and dropout")
+    save_steps: int = Field(10, ge=1, le=100_000, description="checkpoint every N steps")
+    save_total_limit: int = Field(2, ge=1, le=100, description="checkpoints kept")
+    eval_steps: int | None = Field(
+        None, ge=1, le=100_000, description="evaluate every N steps (default: save_steps)"
+    )
+    logging_steps: int = Field(1, ge=1, le=100_000, description="report metrics every N steps")
 
     @field_validator("target_modules", "target_parameters")
     @classmethod
@@ -92,6 +132,15 @@ class TrainConfig(BaseModel):
         if any(not t.strip() for t in value):
             raise ValueError("targets must be non-empty names")
         return value
+
+    @model_validator(mode="after")
+    def _dropout_fits_expert_lora(self) -> TrainConfig:
+        # PEFT's LoRA on 3-D parameters (ParamWrapper) cannot apply dropout and raises mid-setup.
+        if self.lora_dropout and self.target_parameters:
+            raise ValueError(
+                "lora_dropout must be 0 when target_parameters is set (PEFT expert LoRA has no dropout)"
+            )
+        return self
 
     def resolved_base_model(self) -> str:
         if self.base_model != "auto":
@@ -159,7 +208,7 @@ def _split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Ex
     ]
 
 
-def prepare_data(cfg: TrainConfig, data_dir: Path) -> PreparedData:
+def prepare_data(cfg: TrainConfig, data_dir: Path | None) -> PreparedData:
     """Load, validate and tokenise the data before any model is loaded, so bad data fails fast."""
     examples = validate_rows(
         load_rows(cfg.dataset, data_dir=data_dir, max_rows=cfg.max_rows, max_bytes=cfg.max_bytes),
@@ -223,12 +272,19 @@ def _trainer_class() -> type:
                 self.tokens_seen += (
                     int(mask.sum().item()) if mask is not None else inputs["input_ids"].numel()
                 )
-            elif model.training:  # packing is padding-free (no mask): every token is real
-                self.tokens_seen += int(inputs["input_ids"].numel())
             if cuda_available():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             loss = _masked_lm_loss(model, inputs, num_items_in_batch)
             return (loss, {"loss": loss}) if return_outputs else loss
+
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            # A checkpoint only needs the adapter and optimizer state to resume; the tokenizer
+            # (28 MB of tokenizer.json) goes into the final adapter folder once, via write_adapter.
+            tokenizer, self.processing_class = self.processing_class, None
+            try:
+                super()._save(output_dir, state_dict)
+            finally:
+                self.processing_class = tokenizer
 
     return ProjectSFTTrainer
 
@@ -290,11 +346,16 @@ def _metrics(state: Any, logs: dict[str, Any], tokens_per_s: float) -> dict[str,
 
 
 def _optim(cfg: TrainConfig) -> str:
-    if cfg.optim != "auto":
-        return cfg.optim
     import importlib.util
 
-    return "adamw_8bit" if cuda_available() and importlib.util.find_spec("bitsandbytes") else "adamw_torch"
+    has_8bit = cuda_available() and importlib.util.find_spec("bitsandbytes") is not None
+    if cfg.optim == "auto":
+        return "adamw_8bit" if has_8bit else "adamw_torch"
+    if "8bit" in cfg.optim and not has_8bit:
+        raise ValueError(
+            f"optim {cfg.optim!r} needs a CUDA GPU with bitsandbytes; use 'auto' or 'adamw_torch'"
+        )
+    return cfg.optim
 
 
 def _sft_config(cfg: TrainConfig, checkpoints: Path, has_eval: bool) -> Any:
@@ -334,14 +395,47 @@ def _sft_config(cfg: TrainConfig, checkpoints: Path, has_eval: bool) -> Any:
     )
 
 
-def latest_checkpoint(work_dir: Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
+
+def _is_complete_checkpoint(folder: Path) -> bool:
+    """The HF Trainer writes trainer_state.json after the weights and optimizer state, so a folder
+    without it (or without adapter weights) was cut off mid-save and cannot be resumed from."""
+    has_weights = any((folder / name).is_file() for name in ADAPTER_WEIGHTS)
+    return has_weights and (folder / "trainer_state.json").is_file()
+
+
+def latest_checkpoint(work_dir: Path) -> Path | None:
+    """The newest complete ``checkpoint-N`` folder in ``work_dir/checkpoints``; half-written ones
+    (a crash during a save) are skipped."""
     folder = Path(work_dir) / "checkpoints"
     if not folder.is_dir():
         return None
-    last = get_last_checkpoint(str(folder))
-    return Path(last) if last else None
+    steps = {
+        int(p.name.removeprefix("checkpoint-")): p
+        for p in folder.iterdir()
+        if p.is_dir() and p.name.removeprefix("checkpoint-").isdigit() and p.name.startswith("checkpoint-")
+    }
+    complete = [step for step in steps if _is_complete_checkpoint(steps[step])]
+    return steps[max(complete)] if complete else None
+
+
+def _drop_incomplete_checkpoints(work_dir: Path, hooks: Any) -> None:
+    """Remove half-written checkpoint folders, so the Trainer never saves into or rotates onto one."""
+    folder = Path(work_dir) / "checkpoints"
+    for path in sorted(folder.glob("checkpoint-*")) if folder.is_dir() else []:
+        if path.is_dir() and not _is_complete_checkpoint(path):
+            hooks.on_log(f"removing incomplete {path.name} (cut off mid-save)")
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def applied_targets(model: Any) -> tuple[list[str], list[str]]:
+    """The LoRA targets PEFT actually applied (its saved adapter config), which on the unsloth backend
+    differ from the requested ones: Unsloth maps gate/up/down_proj onto the fused expert parameters."""
+    config = model.peft_config["default"]
+    modules = config.target_modules or []
+    modules = [modules] if isinstance(modules, str) else sorted(modules)
+    return modules, list(config.target_parameters or [])
 
 
 # --- output ----------------------------------------------------------------------------------------
@@ -362,14 +456,17 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _manifest(cfg: TrainConfig, loaded: Any, data: PreparedData, result_metrics: dict[str, Any]) -> dict:
+def _manifest(
+    cfg: TrainConfig, loaded: Any, model: Any, data: PreparedData, result_metrics: dict[str, Any]
+) -> dict:
+    target_modules, target_parameters = applied_targets(model)
     return {
         "format": "gptoss-tuner-adapter/1",
         "base_model": loaded.model_id,
         "base_fingerprint": loaded.fingerprint,
         "backend": loaded.backend,
-        "target_modules": cfg.target_modules,
-        "target_parameters": cfg.target_parameters,
+        "target_modules": target_modules,
+        "target_parameters": target_parameters,
         "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout},
         "hyperparameters": cfg.model_dump(),
         "dataset": {"source": cfg.dataset, "fingerprint": data.fingerprint, "rows": data.n_train_rows},
@@ -412,17 +509,37 @@ def _final_metrics(trainer: Any) -> dict[str, Any]:
     }
 
 
+def check_packing(cfg: TrainConfig, backend: str) -> None:
+    """Packing is only allowed where samples packed into one sequence cannot attend to each other:
+    on the hf backend ``keep_packed_samples_apart`` builds block-diagonal masks for GPT-OSS's eager
+    attention. Unsloth swaps in its own GPT-OSS attention, whose handling of packed batches this
+    project has not verified, so it is refused there rather than silently cross-contaminating."""
+    if cfg.packing and backend != "hf":
+        raise ValueError(
+            f"packing=true is not supported on the {backend} backend (its attention cannot be shown to keep "
+            "packed samples apart); set packing to false or backend to 'hf'"
+        )
+
+
 def train(
-    cfg: TrainConfig, *, work_dir: Path, output_dir: Path, hooks: Any = None, models_dir: Path
+    cfg: TrainConfig,
+    *,
+    work_dir: Path,
+    output_dir: Path,
+    hooks: Any = None,
+    models_dir: Path,
+    data_dir: Path | None = None,
 ) -> TrainResult:
-    """Run one training job; resumes from the newest checkpoint in ``work_dir/checkpoints``."""
+    """Run one training job; resumes from the newest complete checkpoint in ``work_dir/checkpoints``.
+    A relative dataset path is looked up in ``data_dir`` first, then the current directory."""
     from datasets import Dataset
 
     hooks = hooks or NullHooks()
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
+    check_packing(cfg, pick_backend(cfg.backend))
     ensure_harmony_assets(models_dir)
-    data = prepare_data(cfg, work_dir)
+    data = prepare_data(cfg, data_dir)
     hooks.on_log(f"dataset {cfg.dataset}: {len(data.train)} train rows, {len(data.eval or [])} eval rows")
     loaded = load_base(
         cfg.resolved_base_model(),
@@ -443,6 +560,8 @@ def train(
         seed=cfg.seed,
         gradient_checkpointing=cfg.gradient_checkpointing,
     )
+    if cfg.packing:
+        keep_packed_samples_apart(model)
     trainer_cls = _trainer_class()
     trainer = trainer_cls(
         model=model,
@@ -453,6 +572,7 @@ def train(
     )
     callback = _callback(hooks, lambda: trainer.tokens_seen)
     trainer.add_callback(callback)
+    _drop_incomplete_checkpoints(work_dir, hooks)
     resume = latest_checkpoint(work_dir)
     if resume:
         hooks.on_log(f"resuming from {resume.name}")
@@ -465,7 +585,7 @@ def train(
     if callback.stopped:
         hooks.on_log(f"stopped at step {result.global_step}; checkpoint kept for resume")
         return result
-    result.manifest = _manifest(cfg, loaded, data, metrics)
+    result.manifest = _manifest(cfg, loaded, model, data, metrics)
     result.adapter_dir = write_adapter(model, loaded.tokenizer, result.manifest, output_dir)
     hooks.on_log(f"adapter written to {result.adapter_dir}")
     return result

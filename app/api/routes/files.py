@@ -89,7 +89,9 @@ def _receive(upload: UploadFile, settings: Settings) -> tuple[Path, str, int]:
 def list_files(
     session: SessionDep,
     _key: ReadKey,
-    after: Annotated[str | None, Query(description="Last id of the previous page.")] = None,
+    after: Annotated[
+        str | None, Query(pattern=r"^file_[0-9a-f]+$", description="Last id of the previous page.")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict[str, object]:
     """Uploaded files, newest first."""
@@ -109,9 +111,9 @@ def get_file(file_id: str, session: SessionDep, _key: ReadKey) -> FileRecord:
 
 @router.delete("/{file_id}", response_model=Deleted)
 def delete_file(file_id: str, session: WriteSessionDep, _key: TrainKey) -> Deleted:
-    """Delete a file; refused while a queued or running job uses it."""
+    """Delete a file; refused while a queued or running job uses it (as dataset or eval_dataset)."""
     record = _get(session, file_id)
-    if users := queue.jobs_using_file(session, file_id):
+    if users := queue.jobs_using_file(session, record):
         raise Conflict(
             f"file {file_id} is used by active job(s) {', '.join(users)}; cancel them first", field="file_id"
         )

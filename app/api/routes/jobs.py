@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, cast
 
@@ -55,10 +55,7 @@ def create_job(
     base_model = _base_model(body.base_model, settings)
     source, file_id = queue.resolve_dataset(session, body.dataset)
     config = build_config(session, settings, body, base_model, source)
-    if file_id is None and not body.dataset.startswith("hf:"):
-        queue.load_dataset(
-            source, settings
-        )  # samples: cheap to check now; hf: datasets are checked by the worker
+    queue.check_job_datasets(config, settings)
     new = queue.NewJob(
         base_model=base_model,
         dataset=body.dataset,
@@ -127,7 +124,9 @@ def list_jobs(
     session: SessionDep,
     _key: ReadKey,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
-    after: Annotated[str | None, Query(description="Last id of the previous page.")] = None,
+    after: Annotated[
+        str | None, Query(pattern=r"^ftjob_[0-9a-f]+$", description="Last id of the previous page.")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict[str, Any]:
     """Jobs, newest first, optionally only those in one status."""
@@ -174,7 +173,7 @@ def job_checkpoints(job_id: str, session: SessionDep, settings: SettingsDep, _ke
             step=step,
             path=str(path),
             metrics=metrics.get(step),
-            created_at=datetime.fromtimestamp(path.stat().st_mtime),
+            created_at=datetime.fromtimestamp(path.stat().st_mtime, UTC).replace(tzinfo=None),
         )
         for step, path in found
     ]

@@ -11,6 +11,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -85,9 +86,16 @@ async def list_models(request: Request, session: SessionDep) -> dict[str, Any]:
     data = [{"id": base, "object": "model", "created": 0, "owned_by": "base"}]
     after: str | None = None
     while page := list_adapters(session, after=after, limit=100):
-        data += [_model_object(a.name, a.created_at.timestamp(), base) for a in page]
+        data += [_model_object(a.name, unix_time(a.created_at), base) for a in page]
         after = page[-1].id
     return {"object": "list", "data": data}
+
+
+def unix_time(moment: datetime) -> int:
+    """Seconds since the epoch. SQLite hands the stored UTC times back naive, and a naive datetime's
+    .timestamp() would read them as the server's local time."""
+    aware = moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    return int(aware.timestamp())
 
 
 def _model_object(name: str, created: float, base: str) -> dict[str, Any]:
