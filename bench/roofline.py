@@ -3,9 +3,12 @@
 Decoding reads every weight a token touches once per step; at small batch that, not arithmetic,
 bounds the speed. Bytes per step for a batch of B rows:
 - attention q/k/v/o in NF4 (0.5 byte a weight + one absmax byte per 64-weight block),
-- the experts the batch routes to, in bf16 (the service's Unsloth load keeps this checkpoint's fused
-  expert tensors in bf16: seen on the H200, bench/results), each expert counted once per step;
-  with uniform routing B rows touch E * (1 - (1 - k/E)^B) of the E experts,
+- the experts, also NF4 (Unsloth's 4-bit load splits the fused expert tensors into per-expert
+  bnb Linear4bit modules: the API process held 15 GB of GPU memory for the 20.9 B model, H200 run),
+  each counted once per step. `experts="routed"` counts the ones the batch routes to (uniform
+  routing: B rows touch E * (1 - (1 - k/E)^B) of E), the least any decoder must read;
+  `experts="all"` counts all E, which is what Unsloth's eval forward reads when
+  tokens x experts is small (it runs every expert densely on every token, then weights them),
 - router, norms, sinks, LM head (bf16), one embedding row per row,
 - the LoRA weights of those modules (bf16), and the KV cache of `context` tokens per row.
 Ceiling tokens/s = B x bandwidth / bytes per step. Bandwidth is the device-to-device copy rate
@@ -52,14 +55,16 @@ def distinct_experts(arch: Arch, batch: int) -> float:
     return arch.experts * (1 - (1 - arch.top_k / arch.experts) ** batch)
 
 
-def step_bytes(arch: Arch, batch: int, *, lora_rank: int = 16, context: int = 320) -> dict[str, float]:
+def step_bytes(
+    arch: Arch, batch: int, *, lora_rank: int = 16, context: int = 320, experts: str = "routed"
+) -> dict[str, float]:
     h, i, q, kv = arch.hidden, arch.intermediate, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     attn_weights = h * q + 2 * h * kv + q * h
     expert_weights = h * 2 * i + i * h + 2 * i + h  # gate_up, down and their biases
-    used = distinct_experts(arch, batch)
+    used = distinct_experts(arch, batch) if experts == "routed" else float(arch.experts)
     per_layer = {
         "attention": attn_weights * NF4_BYTES,
-        "experts": used * expert_weights * BF16,
+        "experts": used * expert_weights * NF4_BYTES,
         "router_norms": (arch.experts * h + 2 * h) * BF16,
         "lora": lora_rank * ((h + q) * 2 + (h + kv) * 2 + used * (h + 2 * i + i + h)) * BF16,
         "kv_cache": batch * 2 * kv * context * BF16,
@@ -75,10 +80,8 @@ def ceiling_tokens_per_s(arch: Arch, batch: int, bandwidth_gbs: float, **kw: Any
 
 
 if __name__ == "__main__":
-    for b in (1, 8, 32):
-        parts = step_bytes(Arch(), b)
-        print(
-            b,
-            {k: round(v / 1e9, 3) for k, v in parts.items()},
-            round(ceiling_tokens_per_s(Arch(), b, 4000), 1),
-        )
+    for mode in ("routed", "all"):
+        for b in (1, 8, 32):
+            gb = sum(step_bytes(Arch(), b, experts=mode).values()) / 1e9
+            ceiling = ceiling_tokens_per_s(Arch(), b, 4219, experts=mode)
+            print(f"experts={mode} batch={b}: {gb:.2f} GB/step, ceiling {ceiling:.0f} tokens/s at 4219 GB/s")

@@ -118,8 +118,10 @@ def test_adapter_trained_by_a_real_job_is_served_without_restart(
     models_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # A strong learning rate so a few steps visibly change the answer of the random tiny base.
+    hyperparameters = {**SMALL_TRAINING, "learning_rate": 1e-2, "lora_r": 16, "lora_alpha": 64}
     with httpx.Client(base_url=inference_server.url, timeout=30) as http:
-        body = {"dataset": "sample:capitals", "suffix": "live", "hyperparameters": SMALL_TRAINING}
+        body = {"dataset": "sample:capitals", "suffix": "live", "hyperparameters": hyperparameters}
         created = http.post("/jobs", json=body)
         assert created.status_code == 201, created.text
         job = wait_status(http, created.json()["id"], "succeeded", "failed", "cancelled")

@@ -133,14 +133,17 @@ def _mxfp4_tiny_model(models_dir: Path, folder: Path) -> Path:
 
 def test_export_merges_into_an_mxfp4_base(trained_adapter: Path, models_dir: Path, tmp_path: Path) -> None:
     base = _mxfp4_tiny_model(models_dir, tmp_path / "mxfp4-base")
-    merged_dir = merge_adapter(trained_adapter, tmp_path / "merged", models_dir=models_dir, base=str(base))
-    merged_config = json.loads((merged_dir / "config.json").read_text())
-    assert "quantization_config" not in merged_config  # a plain 16-bit model, loadable anywhere
+    merged_dir = merge_adapter(
+        trained_adapter, tmp_path / "merged", models_dir=models_dir, base=str(base), dtype="float32"
+    )
+    assert "quantization_config" not in json.loads((merged_dir / "config.json").read_text())
     experts = load_file(str(merged_dir / "model.safetensors"))["model.layers.0.mlp.experts.gate_up_proj"]
-    assert experts.dtype == torch.bfloat16 and experts.shape == (4, 64, 128)
+    assert experts.dtype == torch.float32 and experts.shape == (4, 64, 128)  # plain weights, all saved
     ids = torch.tensor([render_prompt([{"role": "user", "content": "Capital of Japan?"}])])
     with torch.inference_mode():
-        dequantized = load_hf_model(str(base), load_in_4bit=False, dtype=torch.bfloat16)
+        dequantized = load_hf_model(str(base), load_in_4bit=False, dtype=torch.float32)
+        base_logits = dequantized(input_ids=ids).logits
         expected = PeftModel.from_pretrained(dequantized, str(trained_adapter)).eval()(input_ids=ids).logits
-        got = load_hf_model(str(merged_dir), load_in_4bit=False, dtype=torch.bfloat16)(input_ids=ids).logits
-    assert torch.allclose(got.float(), expected.float(), atol=0.15)  # bf16 merge rounding
+        got = load_hf_model(str(merged_dir), load_in_4bit=False)(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-3)
+    assert not torch.allclose(got, base_logits, atol=1e-3)  # the adapter is in the merged weights

@@ -137,3 +137,30 @@ def test_worker_once_on_an_empty_queue_migrates_and_exits(
     worker = start_worker("--once", "--worker-id", "solo")
     assert worker.wait(timeout=120) == 0
     assert current_revision(make_engine(svc_settings)) == head_revision()  # it migrated the empty database
+
+
+def test_a_locked_database_does_not_cost_a_running_job_its_lease(
+    svc_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from app import db
+    from workers.worker import Supervision, Worker
+
+    monkeypatch.setattr(db, "BUSY_TIMEOUT_MS", 100)  # give up on the lock quickly: this test waits for it
+    upgrade_to_head(svc_settings)
+    worker = Worker(svc_settings, "w-locked")
+    (job_id,) = _new_jobs(svc_settings, 1)
+    job = queue.claim_next(worker.db, worker.worker_id, lease_s=60)
+    assert job is not None and job.id == job_id
+    seen = Supervision()
+    blocker = sqlite3.connect(svc_settings.data_dir / "service.db", isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # another process holds the write lock past busy_timeout
+    try:
+        assert worker._beat(job, seen) is None  # logged and retried later, not raised
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert worker._beat(job, seen) is False and not seen.lost  # the next tick renews the lease
+    with make_sessionmaker(worker.db)() as session:
+        assert queue.get_job(session, job_id).status == "running"

@@ -180,7 +180,9 @@ def test_several_workers_run_each_job_exactly_once(svc_client: TestClient, start
     # Two workers on two cores: more would only queue up for the CPU here.
     workers = [start_worker("--worker-id", f"w{n}") for n in range(2)]
     one_step = {**SMALL_TRAINING, "max_steps": 1, "save_steps": 1}
-    job_ids = [submit(svc_client, hyperparameters=one_step) for _ in range(4)]
+    rows = (SAMPLES_DIR / "capitals.jsonl").read_text().splitlines()[:4]  # less to render per job
+    small = svc_client.post("/files", files={"file": ("four.jsonl", "\n".join(rows) + "\n")}).json()["id"]
+    job_ids = [submit(svc_client, dataset=small, hyperparameters=one_step) for _ in range(4)]
     ran_on = set()
     for job_id in job_ids:
         job = wait_status(svc_client, job_id, "succeeded", "failed", "cancelled", timeout=240)

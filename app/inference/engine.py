@@ -12,7 +12,6 @@ sees another adapter's weights.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -283,11 +282,6 @@ class InferenceEngine:
 
         started = time.monotonic()
         ensure_harmony_assets(self.settings.models_path)  # render_prompt needs its vocab file, offline
-        # Unsloth's grouped 4-bit expert path caches which adapter's expert LoRA it applies and,
-        # seen on an H200 (bench/results/gpu-tests-2026-11-28.txt), kept applying the first adapter
-        # after a second one was loaded: another adapter's answer. Its per-expert path goes through
-        # PEFT's own modules, which honour set_adapter. Read per call by Unsloth; training is untouched.
-        os.environ["UNSLOTH_GPTOSS_GROUPED"] = "0"
         self._loaded = load_base(
             self.base_model_id,
             backend=self.settings.backend,

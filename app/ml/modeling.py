@@ -276,9 +276,23 @@ def load_hf_model(path: str, *, load_in_4bit: bool, dtype: Any = None) -> Any:
     """A transformers GptOssForCausalLM, loaded as ``hf_load_kwargs`` says (used by training and export)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        path, **hf_load_kwargs(path, load_in_4bit=load_in_4bit, dtype=dtype)
-    )
+    kwargs = hf_load_kwargs(path, load_in_4bit=load_in_4bit, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if "quantization_config" in kwargs and getattr(kwargs["quantization_config"], "dequantize", False):
+        _forget_mxfp4_conversions(model)
+    return model
+
+
+def _forget_mxfp4_conversions(model: Any) -> None:
+    """transformers 5.17 remembers the load-time blocks+scales -> weight conversion and reverses it
+    on save_pretrained; there is no reverse for a dequantized weight, so the experts were silently
+    left out of a saved (exported) model. The experts are plain tensors now: save them as such."""
+    conversions = getattr(model, "_weight_conversions", None) or []
+    model._weight_conversions = [
+        c
+        for c in conversions
+        if not any(str(p).endswith(("_blocks", "_scales")) for p in getattr(c, "source_patterns", []))
+    ]
 
 
 def load_base(

@@ -1,0 +1,55 @@
+"""CPU checks of the benchmark helpers the GPU runs rely on (bench/): the datasets really have the
+lengths the figures assume, and the bandwidth ceiling and the packing rate add up. The benchmarks
+themselves run on the GPU machine (bench/README.md); these run everywhere, in about a second."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.roofline import Arch, ceiling_tokens_per_s, distinct_experts, step_bytes
+
+
+def test_fixed_length_rows_render_to_exactly_the_asked_length(models_dir: Path) -> None:
+    from bench.data import fixed_length_rows, render_all
+
+    rendered = render_all(fixed_length_rows(6, 300, seed=3))
+    assert {len(ids) for ids, _ in rendered} == {300}  # tokens/step = batch x 300, no padding
+    assert all(0 < sum(mask) < len(mask) for _, mask in rendered)  # a prompt part and a trained part
+
+
+def test_uneven_rows_spread_between_the_bounds(models_dir: Path) -> None:
+    from bench.data import render_all, uneven_rows
+
+    lengths = [len(ids) for ids, _ in render_all(uneven_rows(40, 64, 512, seed=1))]
+    assert max(lengths) <= 512  # the trainer refuses longer rows
+    assert min(lengths) < 128 and max(lengths) > 256  # uneven enough for padding to cost
+
+
+def test_routed_experts_grow_from_top_k_towards_all() -> None:
+    arch = Arch()
+    assert distinct_experts(arch, 1) == pytest.approx(arch.top_k)
+    assert distinct_experts(arch, 8) < distinct_experts(arch, 32) < arch.experts
+    # reading every expert can only cost more than reading the routed ones
+    for batch in (1, 8, 32):
+        routed = sum(step_bytes(arch, batch).values())
+        assert sum(step_bytes(arch, batch, experts="all").values()) >= routed
+
+
+def test_bandwidth_ceiling_scales_with_bandwidth_and_batch() -> None:
+    arch = Arch()
+    one = ceiling_tokens_per_s(arch, 1, 4000)
+    assert ceiling_tokens_per_s(arch, 1, 8000) == pytest.approx(2 * one)
+    assert ceiling_tokens_per_s(arch, 32, 4000) > ceiling_tokens_per_s(arch, 8, 4000) > one
+
+
+def test_packing_rate_counts_tokens_of_the_timed_steps_only() -> None:
+    from bench.packing_bench import RateHooks
+
+    hooks = RateHooks()
+    hooks.stamps, hooks.rates = [0.0, 5.0, 6.0, 8.0], [0.0, 10.0, 100.0, 50.0]
+    rate = hooks.real_rate(warmup=1)  # the 5 s first step (compilation) is left out
+    assert rate["steps"] == 2
+    assert rate["real_tokens"] == 100 * 1 + 50 * 2
+    assert rate["tokens_per_s"] == pytest.approx(200 / 3)
