@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     )
     models_dir: Path | None = Field(
         None,
-        description="Generated models (the tiny default) and the offline tokenizer; default <data_dir>/models",
+        description="Generated models (the tiny default), offline tokenizer; default <data_dir>/models",
     )
 
     # --- model ---------------------------------------------------------------------------------
@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     # --- inference -----------------------------------------------------------------------------------
     adapter_cache_size: int = Field(8, ge=1, description="Adapters kept loaded (LRU; pinned ones stay).")
     pinned_adapters: list[str] = Field(default_factory=list, description="Adapter ids never evicted.")
+    unsloth_multi_adapter: bool = Field(
+        False,
+        description="Let the Unsloth backend keep several adapters loaded. Off: one at a time, since two "
+        "resident adapters were seen to mix on the H200 (BENCHMARKS.md).",
+    )
     release_gpu_during_training: bool = Field(
         False,
         description="One-GPU hosts: the API frees its model while a training job runs, and loads it "

@@ -8,6 +8,10 @@ The adapters are trained by `app.ml.trainer.train` exactly as a worker job does,
 tests' two tasks (the same French question answered "Paris." or "Europe."), so each adapter's own
 answer identifies it: that check survives the float differences 4-bit kernels show between batch
 shapes, where exact token equality (asserted by the CPU engine tests) need not.
+
+Known failure (H200, 2026-11-28): with two adapters loaded on the Unsloth backend, the one loaded
+second answered like the first (test_each_adapter_answers_its_own_task, test_unloading_...). A real
+serving bug, not fixed yet: BENCHMARKS.md, "GPU tests".
 """
 
 from __future__ import annotations
@@ -254,8 +258,9 @@ def test_concurrent_mixed_adapter_requests_each_get_their_own_adapter(
     from tests.fixtures_inference import ANSWERS, CollectingSink
 
     questions = [None, "Name the capital city of France.", "What is the capital of France, please?"]
-    rng = random.Random(3)
-    jobs = [(rng.choice([*ANSWERS, None]), rng.choice(questions)) for _ in range(24)]
+    # every (adapter, question) pair twice, shuffled: each adapter meets its trained question
+    jobs = [(task, q) for task in [*ANSWERS, None] for q in questions] * 2
+    random.Random(3).shuffle(jobs)
     solo = [_run(gpu_engine, _prompt(q), _spec(gpu_engine, gpu_adapters[t]) if t else None) for t, q in jobs]
     sinks = [CollectingSink() for _ in jobs]
     for (task, question), sink in zip(jobs, sinks, strict=True):
@@ -272,7 +277,6 @@ def test_concurrent_mixed_adapter_requests_each_get_their_own_adapter(
         print(
             f"\nconcurrent vs solo: {same}/{len(jobs)} replies token-identical (4-bit kernels vary by batch)"
         )
-    assert {t for t, _ in jobs} == {*ANSWERS, None}
 
 
 def test_unloading_an_adapter_leaves_the_base_and_the_other_adapter_intact(

@@ -267,3 +267,34 @@ def _wait_for(condition, timeout: float = 60) -> None:  # type: ignore[no-untype
     while not condition():
         assert time.monotonic() < deadline, "condition never became true"
         time.sleep(0.05)
+
+
+def test_one_slot_cache_as_on_unsloth_swaps_adapters_without_mixing(
+    tmp_path: Path, models_dir: Path, task_adapters: dict[str, TrainedAdapter], inference_server: LiveServer
+) -> None:
+    """The Unsloth backend keeps one adapter resident (two were seen to mix on the H200): every switch
+    unloads to the plain base and loads the next adapter. Each answer must still equal what the
+    multi-slot engine gives, and the base must come back clean between adapters."""
+    settings = inference_settings(
+        tmp_path / "data", models_dir, adapter_cache_size=4, pinned_adapters=["adp_capitals"]
+    )
+    engine = InferenceEngine(settings)
+    assert engine._cache_policy("unsloth") == (1, set())  # size and pins are overridden there
+    assert engine._cache_policy("hf") == (4, {"adp_capitals"})
+    engine.settings = inference_settings(tmp_path / "data", models_dir, adapter_cache_size=1)
+    engine.start()
+    try:
+        fp = engine.fingerprint
+        specs = {
+            task: AdapterSpec(f"adp_{task}", task, copy_adapter(task_adapters[task], tmp_path / task), fp)
+            for task in ANSWERS
+        }
+        expected = {
+            task: run(inference_server.engine, prompt(), spec_for(inference_server, task) if task else None)
+            for task in [None, *ANSWERS]
+        }
+        for task in ["capitals", "continents", None, "capitals", "continents"]:
+            assert run(engine, prompt(), specs[task] if task else None) == expected[task]
+            assert len(engine.loaded_adapters()) <= 1
+    finally:
+        engine.close()

@@ -16,7 +16,7 @@ from app.ml.modeling import (
     full_config,
     hf_load_kwargs,
     keep_packed_samples_apart,
-    load_base,
+    load_hf_model,
     pick_backend,
     resolve_model_path,
     tiny_config,
@@ -65,7 +65,7 @@ def test_packed_rows_do_not_see_each_other(models_dir: Path) -> None:
     """Two rows packed into one sequence (position_ids restart at 0, no attention mask, as TRL's
     padding-free collator sends them) give each row exactly the logits it gets alone. Without the
     hook GPT-OSS's eager attention lets the second row attend to the first."""
-    model = load_base("tiny-gpt-oss", backend="hf", models_dir=models_dir, for_training=False).model
+    model = load_hf_model(str(ensure_tiny_model(models_dir)), load_in_4bit=False).eval()
     first, second = torch.arange(100, 140).unsqueeze(0), torch.arange(500, 530).unsqueeze(0)
     packed = torch.cat([first, second], dim=1)
     positions = torch.cat([torch.arange(40), torch.arange(30)]).unsqueeze(0)  # > sliding window 32

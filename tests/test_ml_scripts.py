@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-
-import shutil
 
 import pytest
 import torch
@@ -122,7 +121,9 @@ def _mxfp4_tiny_model(models_dir: Path, folder: Path) -> Path:
     for name in [n for n in weights if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
         experts, rows, cols = weights.pop(name).shape  # stored transposed: [E, out, in/32, 16]
         shape = (experts, cols, rows // 32)
-        weights[f"{name}_blocks"] = torch.randint(0, 256, (*shape, 16), dtype=torch.uint8, generator=generator)
+        weights[f"{name}_blocks"] = torch.randint(
+            0, 256, (*shape, 16), dtype=torch.uint8, generator=generator
+        )
         weights[f"{name}_scales"] = torch.full(shape, 124, dtype=torch.uint8)
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((folder / "config.json").read_text())

@@ -1,5 +1,5 @@
 """The offline o200k_harmony tokenizer: official file hash, real special ids, and agreement with
-openai-harmony, quicktok and the tokenizer saved inside a model folder."""
+openai-harmony, quicktok and (where the local HF cache has it) the real gpt-oss-20b tokenizer."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import openai_harmony as oh
+import pytest
 import quicktok
 
 from app.ml.modeling import ensure_tiny_model
@@ -65,14 +66,42 @@ def test_all_special_ids_decode_like_harmony(models_dir: Path) -> None:
     assert tok.convert_ids_to_tokens(200_018) == "<|endofprompt|>"
 
 
-def test_model_folder_tokenizer_agrees_with_offline_one(models_dir: Path) -> None:
-    """A model folder brings its own tokenizer (here the tiny model's); both agree on text and specials."""
-    own = load_tokenizer("tiny-gpt-oss", models_dir)
+def _cached_hub_tokenizer(repo_id: str) -> Path | None:
+    """The hub tokenizer.json from the local HF cache only (never the network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "tokenizer.json")
+    return Path(found) if isinstance(found, str) else None
+
+
+def test_offline_tokenizer_equals_the_real_gpt_oss_tokenizer(models_dir: Path) -> None:
+    """The offline build against openai/gpt-oss-20b's own tokenizer.json, where a local HF cache has
+    it: same vocabulary (specials included) and same ids on every test text."""
+    hub_file = _cached_hub_tokenizer("openai/gpt-oss-20b")
+    if hub_file is None:
+        pytest.skip("openai/gpt-oss-20b's tokenizer.json is not in the local HF cache (offline host)")
+    from transformers import PreTrainedTokenizerFast
+
+    real = PreTrainedTokenizerFast(tokenizer_file=str(hub_file))
     offline = load_tokenizer(str(ensure_harmony_assets(models_dir)), models_dir)
-    assert Path(own.name_or_path).resolve() == ensure_tiny_model(models_dir).resolve()
+    assert real.get_vocab() == offline.get_vocab()
     for text in TEXTS:
-        assert own.encode(text, add_special_tokens=False) == offline.encode(text, add_special_tokens=False)
-    assert own.get_vocab() == offline.get_vocab()
+        assert real.encode(text, add_special_tokens=False) == offline.encode(text, add_special_tokens=False)
+
+
+def test_a_model_folder_brings_its_own_tokenizer(models_dir: Path, tmp_path: Path) -> None:
+    """load_tokenizer prefers the tokenizer inside a model folder over the offline one: a folder
+    with a (deliberately different, three-word) tokenizer.json gets that one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    own_tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    own_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    own_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    own = load_tokenizer(str(tmp_path), models_dir)
+    assert Path(own.name_or_path).resolve() == tmp_path.resolve()
+    assert own.encode("hello world", add_special_tokens=False) == [1, 2] and len(own) == 3
+    tiny = load_tokenizer("tiny-gpt-oss", models_dir)  # the tiny model ships a copy of the offline one
+    assert Path(tiny.name_or_path).resolve() == ensure_tiny_model(models_dir).resolve()
 
 
 def test_folder_without_tokenizer_falls_back_to_offline(models_dir: Path, tmp_path: Path) -> None:

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
+from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from app.ml.data import DatasetError, load_rows, validate_rows
 from app.ml.generation import generate_ids
 from app.ml.harmony import render_prompt, render_training
 from app.ml.modeling import config_fingerprint, ensure_tiny_model, load_base, tiny_config
-from app.ml.trainer import TrainConfig, TrainResult, train
+from app.ml.trainer import TrainConfig, TrainResult, latest_checkpoint, train
 from tests.fixtures_ml import RecordingHooks
 
 pytestmark = pytest.mark.slow
@@ -39,7 +41,11 @@ def test_adapter_folder_and_manifest(trained_adapter: Path, models_dir: Path) ->
     manifest = json.loads((trained_adapter / "manifest.json").read_text())
     assert manifest["base_model"] == "tiny-gpt-oss" and manifest["backend"] == "hf"
     assert manifest["base_fingerprint"] == config_fingerprint(tiny_config())
+    # the targets PEFT applied (read back from the model), as saved in adapter_config.json
     assert manifest["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    assert manifest["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    adapter_config = json.loads((trained_adapter / "adapter_config.json").read_text())
+    assert sorted(adapter_config["target_modules"]) == manifest["target_modules"]
     assert len(manifest["dataset"]["fingerprint"]) == 64 and manifest["metrics"]["final_loss"] > 0
     assert not [p for p in trained_adapter.parent.iterdir() if ".tmp-" in p.name]
 
@@ -95,12 +101,18 @@ def test_stop_saves_a_checkpoint_and_resume_continues(models_dir: Path, tmp_path
         cfg, work_dir=tmp_path / "w", output_dir=tmp_path / "a", hooks=first, models_dir=models_dir
     )
     assert stopped.stopped and stopped.adapter_dir is None and not (tmp_path / "a").exists()
-    assert first.checkpoints[-1][0] == 3 and (tmp_path / "w/checkpoints/checkpoint-3").is_dir()
+    checkpoint = tmp_path / "w/checkpoints/checkpoint-3"
+    assert first.checkpoints[-1][0] == 3 and checkpoint.is_dir()
+    assert not (checkpoint / "tokenizer.json").exists()  # only the final adapter carries the tokenizer
+    # A crash mid-save leaves a newer folder without trainer_state.json: resume must skip it.
+    half = tmp_path / "w/checkpoints/checkpoint-5"
+    shutil.copytree(checkpoint, half, ignore=shutil.ignore_patterns("trainer_state.json"))
 
     second = RecordingHooks()
     done = train(cfg, work_dir=tmp_path / "w", output_dir=tmp_path / "a", hooks=second, models_dir=models_dir)
     assert [s for s, _ in second.losses] == [4, 5, 6] and done.global_step == 6
     assert any("resuming from checkpoint-3" in line for line in second.lines)
+    assert any("removing incomplete checkpoint-5" in line for line in second.lines)
     # The loss carries on from where it stopped instead of restarting near ln(vocab).
     assert second.losses[0][1] < first.losses[0][1] - 0.5
     assert done.adapter_dir == tmp_path / "a" and (tmp_path / "a/manifest.json").is_file()
@@ -128,3 +140,83 @@ def test_train_config_rejects_unknown_and_bad_fields() -> None:
         TrainConfig(lora_rank=8)  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="lora_r"):
         TrainConfig(lora_r=0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "limit"),
+    [
+        ("max_steps", 100_001, "100000"),
+        ("per_device_train_batch_size", 257, "256"),
+        ("gradient_accumulation_steps", 1025, "1024"),
+        ("lora_r", 257, "256"),
+        ("lora_alpha", 1025, "1024"),
+        ("learning_rate", 0.5, "0.01"),
+        ("num_train_epochs", 101, "100"),
+        ("max_seq_length", 131073, "131072"),
+        ("save_total_limit", 101, "100"),
+    ],
+)
+def test_train_config_limits_name_the_field_and_the_limit(field: str, value: float, limit: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        TrainConfig(**{field: value})
+    (error,) = err.value.errors()
+    assert error["loc"] == (field,) and limit in error["msg"]
+
+
+def test_train_config_choices_are_the_supported_ones() -> None:
+    assert TrainConfig(lr_scheduler_type="cosine", optim="adamw_torch").optim == "adamw_torch"
+    for field, value in [("lr_scheduler_type", "reduce_lr_on_plateau"), ("optim", "adamw_apex_fused")]:
+        with pytest.raises(ValidationError, match=field):
+            TrainConfig(**{field: value})
+    with pytest.raises(ValidationError, match="lora_dropout must be 0 when target_parameters is set"):
+        TrainConfig(lora_dropout=0.1)
+    assert TrainConfig(lora_dropout=0.1, target_parameters=[]).lora_dropout == 0.1
+
+
+def test_latest_checkpoint_skips_half_written_folders(tmp_path: Path) -> None:
+    # The file layout the HF Trainer writes; trainer_state.json comes last in a save.
+    for step, files in [
+        (2, ["adapter_model.safetensors", "trainer_state.json"]),
+        (4, ["adapter_config.json"]),
+    ]:
+        folder = tmp_path / "checkpoints" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        for name in files:
+            (folder / name).write_text("{}")
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints/checkpoint-2"
+    (tmp_path / "checkpoints/checkpoint-4/trainer_state.json").write_text("{}")  # no weights yet
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints/checkpoint-2"
+    assert latest_checkpoint(tmp_path / "nothing-here") is None
+
+
+def test_epochs_and_packing(models_dir: Path, tmp_path: Path) -> None:
+    """max_steps=0 trains by epochs, a relative dataset path is found in data_dir, and a packed run
+    computes the same first-step loss and gradient as the same rows unpacked: packed rows do not
+    attend to each other (one batch of all 16 rows in both runs; with B = 0 at step 1 the loss is
+    the base model's, so any cross-row attention would change it)."""
+    rows = load_rows("sample:capitals", data_dir=None, max_rows=1000, max_bytes=10**7)[:16]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/slice.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    common = {**_fixture_cfg(), "dataset": "slice.jsonl", "per_device_train_batch_size": 16}
+    runs = {}
+    for name, extra in [
+        ("epochs", {"max_steps": 0, "num_train_epochs": 2}),
+        ("packed", {"packing": True, "max_steps": 1}),
+    ]:
+        hooks = RecordingHooks()
+        result = train(
+            TrainConfig(**{**common, **extra}),
+            work_dir=tmp_path / name,
+            output_dir=tmp_path / f"{name}-adapter",
+            hooks=hooks,
+            models_dir=models_dir,
+            data_dir=tmp_path / "data",
+        )
+        assert result.adapter_dir is not None
+        runs[name] = hooks
+    by_epoch = runs["epochs"].steps
+    assert [(m["step"], m["epoch"]) for m in by_epoch] == [(1, 1.0), (2, 2.0)]  # one step per epoch
+    assert by_epoch[0]["total_steps"] == 2
+    packed = runs["packed"].steps[0]
+    assert packed["loss"] == pytest.approx(by_epoch[0]["loss"], rel=1e-5)
+    assert packed["grad_norm"] == pytest.approx(by_epoch[0]["grad_norm"], rel=1e-3)

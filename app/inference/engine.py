@@ -291,10 +291,11 @@ class InferenceEngine:
             for_training=False,
         )
         self._loaded.model.eval()
+        capacity, pinned = self._cache_policy(self._loaded.backend)
         self._cache = AdapterCache(
             self._loaded.model,
-            capacity=self.settings.adapter_cache_size,
-            pinned=set(self.settings.pinned_adapters),
+            capacity=capacity,
+            pinned=pinned,
             fingerprint=str(self._loaded.fingerprint),
             base_model=self.base_model_id,
         )
@@ -305,6 +306,25 @@ class InferenceEngine:
             "base model loaded",
             extra={"model": self.base_model_id, "s": round(time.monotonic() - started, 2)},
         )
+
+    def _cache_policy(self, backend: str) -> tuple[int, set[str]]:
+        """Adapter cache capacity and pinned set for the loaded backend.
+
+        On the H200 (2026-11-28, bench/results/gpu-tests-2026-11-28.txt) an Unsloth 4-bit base with two
+        LoRA adapters resident answered the second adapter's requests with the first one's weights,
+        while an adapter resident alone always answered correctly. Until that is understood, the
+        Unsloth backend keeps one adapter resident: correct answers, at the price of a ~1.7 s load per
+        adapter switch. `unsloth_multi_adapter=True` lifts this for experiments.
+        """
+        capacity, pinned = self.settings.adapter_cache_size, set(self.settings.pinned_adapters)
+        if backend == "unsloth" and not self.settings.unsloth_multi_adapter:
+            if capacity > 1 or pinned:
+                log.warning(
+                    "unsloth backend: keeping one adapter loaded at a time (adapter_cache_size and "
+                    "pinned_adapters ignored) to avoid a known multi-adapter mix-up; see BENCHMARKS.md"
+                )
+            return 1, set()
+        return capacity, pinned
 
     def _drop_model(self) -> None:
         self._loaded = None

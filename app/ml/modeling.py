@@ -280,6 +280,10 @@ def load_hf_model(path: str, *, load_in_4bit: bool, dtype: Any = None) -> Any:
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if "quantization_config" in kwargs and getattr(kwargs["quantization_config"], "dequantize", False):
         _forget_mxfp4_conversions(model)
+        # Dequantized experts come out in bf16 whatever dtype was asked for; match the rest.
+        for param in model.parameters():
+            if param.is_floating_point() and param.dtype != kwargs["dtype"]:
+                param.data = param.data.to(kwargs["dtype"])
     return model
 
 
