@@ -11,9 +11,11 @@ scripts/install.sh
 failed=()
 ruff check . || failed+=("ruff check")
 ruff format --check . || failed+=("ruff format")
-mypy app workers || failed+=("mypy")
+mypy app workers scripts bench || failed+=("mypy")
 status=0
-pytest "$@" || status=$?
+# Two processes, one per core (the tests pin torch to one thread each); a file's tests stay together
+# so its session fixtures (trained adapters, a live server) are built once.
+pytest -n 2 --dist loadfile "$@" || status=$?
 if [ "$status" -eq 5 ]; then
   # pytest's "no tests collected": for this project that is a broken suite, never a pass.
   echo "test: pytest collected no tests (exit 5)" >&2

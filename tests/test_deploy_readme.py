@@ -289,7 +289,13 @@ def test_ci_passes_only_when_every_check_passes(
     assert result.returncode == expected, result.stderr
     calls = (root / "calls.log").read_text().splitlines()
     # Every check runs, also after one has failed.
-    assert calls == ["install", "ruff check .", "ruff format --check .", "mypy app workers", "pytest "]
+    assert calls == [
+        "install",
+        "ruff check .",
+        "ruff format --check .",
+        "mypy app workers scripts bench",
+        "pytest -n 2 --dist loadfile",
+    ]
     if pytest_exit == 5:
         assert "no tests" in result.stderr  # said, not hidden
 
