@@ -13,39 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from app.inference.stream import CollectingSink
 from bench.common import run_header, write_json
 from bench.data import WORDS
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.tokens: list[int] = []
-        self.done = threading.Event()
-        self.error: BaseException | None = None
-
-    def put_token(self, token_id: int) -> None:
-        self.tokens.append(token_id)
-
-    def finish(self, reason: str, completion_tokens: int) -> None:
-        self.done.set()
-
-    def fail(self, error: BaseException) -> None:
-        self.error = error
-        self.done.set()
-
-    def cancelled(self) -> bool:
-        return False
-
-    def wait(self) -> list[int]:
-        self.done.wait(600)
-        if self.error:
-            raise self.error
-        return self.tokens
 
 
 def prompts(n: int) -> list[list[int]]:
@@ -63,14 +37,14 @@ def measure(engine: Any, batch: list[list[int]], new_tokens: int, together: bool
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
     started = time.perf_counter()
     if together:
-        sinks = [Sink() for _ in batch]
+        sinks = [CollectingSink(timeout_s=600) for _ in batch]
         for ids, sink in zip(batch, sinks, strict=True):
             engine.submit(ids, params, sink)
         outputs = [s.wait() for s in sinks]
     else:
         outputs = []
         for ids in batch:
-            sink = Sink()
+            sink = CollectingSink(timeout_s=600)
             engine.submit(ids, params, sink)
             outputs.append(sink.wait())
     wall = time.perf_counter() - started

@@ -167,36 +167,6 @@ def inference_server(
     thread.join(timeout=30)
 
 
-class CollectingSink:
-    """A TokenSink for engine-level tests: keeps the tokens and signals the end."""
-
-    def __init__(self) -> None:
-        self.tokens: list[int] = []
-        self.reason: str | None = None
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-
-    def put_token(self, token_id: int) -> None:
-        self.tokens.append(token_id)
-
-    def finish(self, reason: str, completion_tokens: int) -> None:
-        self.reason = reason
-        self.done.set()
-
-    def fail(self, error: BaseException) -> None:
-        self.error = error
-        self.done.set()
-
-    def cancelled(self) -> bool:
-        return False
-
-    def wait(self) -> list[int]:
-        assert self.done.wait(120), "the engine never finished this request"
-        if self.error is not None:
-            raise self.error
-        return self.tokens
-
-
 @pytest.fixture(scope="session")
 def reference_models(models_dir: Path, task_adapters: dict[str, TrainedAdapter]) -> dict[str | None, Any]:
     """Each adapter alone on its own fresh copy of the base (plus the bare base), outside the engine:

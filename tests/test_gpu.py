@@ -122,7 +122,7 @@ def _prompt(question: str | None = None) -> list[int]:
 
 
 def _run(engine: Any, ids: list[int], spec: Any) -> list[int]:
-    from tests.fixtures_inference import CollectingSink
+    from app.inference.stream import CollectingSink
 
     sink = CollectingSink()
     engine.submit(ids, _greedy(), sink, spec)
@@ -255,7 +255,8 @@ def test_switching_adapters_back_and_forth_gives_identical_answers(
 def test_concurrent_mixed_adapter_requests_each_get_their_own_adapter(
     gpu_engine: Any, gpu_adapters: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from tests.fixtures_inference import ANSWERS, CollectingSink
+    from app.inference.stream import CollectingSink
+    from tests.fixtures_inference import ANSWERS
 
     questions = [None, "Name the capital city of France.", "What is the capital of France, please?"]
     # every (adapter, question) pair twice, shuffled: each adapter meets its trained question

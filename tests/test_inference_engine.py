@@ -13,14 +13,13 @@ import pytest
 
 from app.exceptions import Busy, Conflict, NotFound
 from app.inference.engine import InferenceEngine, training_probe_from_db
-from app.inference.stream import _StopFilter
+from app.inference.stream import CollectingSink, _StopFilter
 from app.inference.types import AdapterSpec, SamplingParams
 from app.ml.harmony import render_prompt
 from tests.fixtures_inference import (
     ANSWERS,
     DEVELOPER,
     QUESTION,
-    CollectingSink,
     LiveServer,
     TrainedAdapter,
     completion_logprob,

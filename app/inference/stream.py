@@ -16,6 +16,38 @@ from dataclasses import dataclass, field
 from app.ml.harmony import StreamDecoder
 
 
+class CollectingSink:
+    """A blocking TokenSink for in-process callers (tests, benchmarks): keeps tokens; wait() for the end."""
+
+    def __init__(self, timeout_s: float = 120.0) -> None:
+        self.tokens: list[int] = []
+        self.reason: str | None = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.timeout_s = timeout_s
+
+    def put_token(self, token_id: int) -> None:
+        self.tokens.append(token_id)
+
+    def finish(self, reason: str, completion_tokens: int) -> None:
+        self.reason = reason
+        self.done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.done.set()
+
+    def cancelled(self) -> bool:
+        return False
+
+    def wait(self) -> list[int]:
+        if not self.done.wait(self.timeout_s):
+            raise TimeoutError(f"the engine did not finish this request within {self.timeout_s} s")
+        if self.error is not None:
+            raise self.error
+        return self.tokens
+
+
 @dataclass
 class _End:
     reason: str
