@@ -38,6 +38,22 @@ LIBRARIES = (
 )
 
 
+class PrintingHooks:
+    """TrainHooks for benchmarks: print the trainer's log lines, never stop early. Subclass for on_step."""
+
+    def on_step(self, metrics: dict[str, Any]) -> None:
+        pass
+
+    def on_log(self, line: str) -> None:
+        print(line, flush=True)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
 def versions() -> dict[str, str]:
     """Installed versions of the libraries whose code is on the measured path."""
     found: dict[str, str] = {"python": platform.python_version()}

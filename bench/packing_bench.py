@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import peak_gib, read_json, reset_peak, run_header, write_json
+from bench.common import PrintingHooks, peak_gib, read_json, reset_peak, run_header, write_json
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class RateHooks:
+class RateHooks(PrintingHooks):
     """TrainHooks that keep (wall time, trainer's tokens/s since the last step) for every step."""
 
     def __init__(self) -> None:
@@ -52,15 +52,6 @@ class RateHooks:
     def on_step(self, metrics: dict[str, Any]) -> None:
         self.stamps.append(time.perf_counter())
         self.rates.append(float(metrics.get("tokens_per_s") or 0.0))
-
-    def on_log(self, line: str) -> None:
-        print(line, flush=True)
-
-    def on_checkpoint(self, step: int, path: Path) -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        return False
 
     def real_rate(self, warmup: int) -> dict[str, float]:
         """Tokens (rate x interval, per step) over time, for the steps after the warm-up."""

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import peak_gib, read_json, reset_peak, run_header, summarize, write_json
+from bench.common import PrintingHooks, peak_gib, read_json, reset_peak, run_header, summarize, write_json
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -186,18 +186,9 @@ def run_service(args: argparse.Namespace, rows_jsonl: Path, work: Path) -> StepC
 
     clock = StepClock(args.warmup)
 
-    class Hooks:
+    class Hooks(PrintingHooks):
         def on_step(self, metrics: dict[str, Any]) -> None:
             clock.tick()
-
-        def on_log(self, line: str) -> None:
-            print(line, flush=True)
-
-        def on_checkpoint(self, step: int, path: Path) -> None:
-            pass
-
-        def should_stop(self) -> bool:
-            return False
 
     cfg = TrainConfig(**service_config(args, rows_jsonl))
     train(cfg, work_dir=work / "job", output_dir=work / "adapter", hooks=Hooks(), models_dir=args.models_dir)
