@@ -73,9 +73,10 @@ class Settings(BaseSettings):
     adapter_cache_size: int = Field(8, ge=1, description="Adapters kept loaded (LRU; pinned ones stay).")
     pinned_adapters: list[str] = Field(default_factory=list, description="Adapter ids never evicted.")
     unsloth_multi_adapter: bool = Field(
-        False,
-        description="Let the Unsloth backend keep several adapters loaded. Off: one at a time, since two "
-        "resident adapters were seen to mix on the H200 (BENCHMARKS.md).",
+        True,
+        description="Let the Unsloth backend keep several adapters loaded (its expert-LoRA lookup is "
+        "patched to follow the active adapter; app/ml/unsloth_fixes.py). Off, or where that patch "
+        "cannot be applied: one adapter at a time, reloaded on every switch.",
     )
     release_gpu_during_training: bool = Field(
         False,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -242,6 +243,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     if args.one == "service":
         work = args.out / "service-work"
+        shutil.rmtree(work, ignore_errors=True)  # a rerun must train, not resume the last run's checkpoint
         clock = run_service(args, write_jsonl(rows, work / "rows.jsonl"), work)
         load_s = None  # inside train(); the first warm-up step absorbs it
     else:
@@ -254,18 +256,52 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def drive(args: argparse.Namespace) -> dict[str, Any]:
-    """Run each loop in a fresh process, then put the ratios the goals are stated in."""
-    results: dict[str, Any] = {}
-    for loop in args.loops.split(","):
+    """Run each loop in a fresh process, then put the ratios the goals are stated in. A loop named
+    twice in ``--loops`` (e.g. ``service,unsloth,service,unsloth``) runs twice, interleaved, so an
+    order effect shows; its tokens/s and peak are then the means of its runs."""
+    runs: list[dict[str, Any]] = []
+    for i, loop in enumerate(args.loops.split(",")):
         out = args.out / f"train_{loop}.json"
+        out.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "bench.train_bench", *sys.argv[1:], "--one", loop]
-        print(f"== {loop}: {' '.join(cmd)}", flush=True)
+        print(f"== run {i + 1}: {loop}: {' '.join(cmd)}", flush=True)
         rc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False).returncode
-        results[loop] = read_json(out) if out.exists() and rc == 0 else {"loop": loop, "error": f"exit {rc}"}
-    summary = {**run_header(), "config": _config(args), "loops": results, "ratios": ratios(results)}
+        result = read_json(out) if out.exists() and rc == 0 else {"loop": loop, "error": f"exit {rc}"}
+        runs.append({**result, "run": i + 1})
+        if out.exists():
+            out.rename(args.out / f"train_{i + 1}_{loop}.json")
+    results = {
+        loop: combine([r for r in runs if r["loop"] == loop])
+        for loop in dict.fromkeys(r["loop"] for r in runs)
+    }
+    summary = {
+        **run_header(),
+        "config": _config(args),
+        "order": args.loops.split(","),
+        "runs": [
+            {k: r.get(k) for k in ("run", "loop", "tokens_per_s", "peak_gib_process", "error")} for r in runs
+        ],
+        "loops": results,
+        "ratios": ratios(results),
+    }
     write_json(args.out / "train_bench.json", summary)
     print_table(summary)
     return summary
+
+
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One loop's runs -> the first run's record with tokens/s and peaks averaged over the runs that
+    finished (``tokens_per_s_runs`` keeps each)."""
+    ok = [r for r in runs if "error" not in r and r.get("tokens_per_s")]
+    if not ok:
+        return runs[0]
+    merged = dict(ok[0])
+    for key in ("tokens_per_s", "peak_gib_train", "peak_gib_process"):
+        values = [float(r[key]) for r in ok if r.get(key)]
+        merged[key] = sum(values) / len(values) if values else None
+        merged[f"{key}_runs"] = values
+    merged["step_s"] = {**ok[0]["step_s"], "mean": sum(r["step_s"]["mean"] for r in ok) / len(ok)}
+    return merged
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
@@ -303,13 +339,21 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
 
 
 def print_table(summary: dict[str, Any]) -> None:
-    print(f"{'loop':<9}{'tokens/s':>11}{'step s':>9}{'peak GiB (train)':>18}{'peak GiB (all)':>16}")
+    print(f"{'run':<5}{'loop':<9}{'tokens/s':>11}{'peak GiB (all)':>16}")
+    for r in summary["runs"]:
+        if r.get("error"):
+            print(f"{r['run']:<5}{r['loop']:<9} {r['error']}")
+            continue
+        print(f"{r['run']:<5}{r['loop']:<9}{r['tokens_per_s']:>11.1f}{r['peak_gib_process'] or 0:>16.2f}")
+    print(
+        f"{'mean':<5}{'loop':<9}{'tokens/s':>11}{'step s':>9}{'peak GiB (train)':>18}{'peak GiB (all)':>16}"
+    )
     for loop, r in summary["loops"].items():
         if "error" in r:
-            print(f"{loop:<9} {r['error']}")
+            print(f"{'':<5}{loop:<9} {r['error']}")
             continue
         print(
-            f"{loop:<9}{r['tokens_per_s']:>11.1f}{r['step_s']['mean']:>9.3f}"
+            f"{'':<5}{loop:<9}{r['tokens_per_s']:>11.1f}{r['step_s']['mean']:>9.3f}"
             f"{r['peak_gib_train'] or 0:>18.2f}{r['peak_gib_process'] or 0:>16.2f}"
         )
     print("ratios:", summary["ratios"])

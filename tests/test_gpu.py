@@ -9,9 +9,10 @@ tests' two tasks (the same French question answered "Paris." or "Europe."), so e
 answer identifies it: that check survives the float differences 4-bit kernels show between batch
 shapes, where exact token equality (asserted by the CPU engine tests) need not.
 
-Known failure (H200, 2026-11-28): with two adapters loaded on the Unsloth backend, the one loaded
-second answered like the first (test_each_adapter_answers_its_own_task, test_unloading_...). A real
-serving bug, not fixed yet: BENCHMARKS.md, "GPU tests".
+With two adapters resident, unpatched Unsloth 2026.10.9 serves the expert LoRA of the adapter loaded
+first (H200, 2026-11-28: the second adapter answered like the first). The engine patches Unsloth's
+lookup to follow the active adapter (app/ml/unsloth_fixes.py); the generation tests below run with
+both adapters resident, and one test runs the one-adapter fallback.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def mini_model(models_dir: Path) -> Path:
 def _train(task: str, root: Path, base: Path, models_dir: Path) -> Any:
     from app.ml.trainer import TrainConfig, train
     from tests.fixtures_inference import TrainedAdapter, _task_rows
+    from tests.fixtures_ml import RecordingHooks
 
     data = root / f"{task}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _task_rows(task)))
@@ -70,8 +72,15 @@ def _train(task: str, root: Path, base: Path, models_dir: Path) -> Any:
             "max_seq_length": 256,
         }
     )
-    result = train(cfg, work_dir=root / f"work-{task}", output_dir=root / task, models_dir=models_dir)
+    hooks = RecordingHooks()
+    result = train(
+        cfg, work_dir=root / f"work-{task}", output_dir=root / task, hooks=hooks, models_dir=models_dir
+    )
     assert result.adapter_dir is not None and result.backend == "unsloth"
+    # Unsloth's own loss (the model's forward with labels), not TRL's fused head: see loss_path
+    assert any("loss computed on the 'model' path" in line for line in hooks.lines)
+    losses = [loss for _, loss in hooks.losses]
+    assert len(losses) == STEPS and sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 1.0, losses
     return TrainedAdapter(task, result.adapter_dir, result.manifest)
 
 
@@ -231,13 +240,48 @@ def test_hot_loaded_adapter_reproduces_the_trained_model(
 # --- generation ------------------------------------------------------------------------------------
 
 
+def test_engine_patches_unsloths_expert_lora_lookup(gpu_engine: Any) -> None:
+    from app.ml.unsloth_fixes import make_expert_lora_follow_active_adapter
+
+    assert make_expert_lora_follow_active_adapter() == "patched"
+    assert gpu_engine._cache.capacity == gpu_engine.settings.adapter_cache_size > 1
+
+
 def test_each_adapter_answers_its_own_task(gpu_engine: Any, gpu_adapters: dict[str, Any]) -> None:
     from tests.fixtures_inference import ANSWERS
 
     base = _content(_run(gpu_engine, _prompt(), None))
-    for task, adapter in gpu_adapters.items():
-        assert _content(_run(gpu_engine, _prompt(), _spec(gpu_engine, adapter))).startswith(ANSWERS[task])
+    for _ in range(2):  # the second round with both adapters resident
+        for task, adapter in gpu_adapters.items():
+            reply = _content(_run(gpu_engine, _prompt(), _spec(gpu_engine, adapter)))
+            assert reply.startswith(ANSWERS[task]), (task, reply)
+    assert {f"adp_{task}" for task in ANSWERS} <= set(gpu_engine.loaded_adapters())
     assert not base.startswith(tuple(ANSWERS.values()))
+
+
+def test_one_adapter_fallback_answers_each_task(
+    tmp_path: Path, models_dir: Path, mini_model: Path, gpu_adapters: dict[str, Any]
+) -> None:
+    """unsloth_multi_adapter=false: one adapter resident, reloaded on every switch."""
+    from app.inference.engine import InferenceEngine
+    from tests.fixtures_inference import ANSWERS, inference_settings
+
+    settings = inference_settings(
+        tmp_path / "data",
+        models_dir,
+        base_model=str(mini_model),
+        backend="unsloth",
+        load_in_4bit=True,
+        unsloth_multi_adapter=False,
+    )
+    engine = InferenceEngine(settings)
+    engine.start()
+    try:
+        for task in ["capitals", "continents", "capitals"]:
+            reply = _content(_run(engine, _prompt(), _spec(engine, gpu_adapters[task])))
+            assert reply.startswith(ANSWERS[task]) and len(engine.loaded_adapters()) == 1, (task, reply)
+    finally:
+        engine.close()
 
 
 def test_switching_adapters_back_and_forth_gives_identical_answers(

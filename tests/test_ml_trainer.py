@@ -220,3 +220,58 @@ def test_epochs_and_packing(models_dir: Path, tmp_path: Path) -> None:
     packed = runs["packed"].steps[0]
     assert packed["loss"] == pytest.approx(by_epoch[0]["loss"], rel=1e-5)
     assert packed["grad_norm"] == pytest.approx(by_epoch[0]["grad_norm"], rel=1e-3)
+
+
+def test_model_loss_path_matches_the_masked_path(
+    models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the Unsloth backend a step's loss is the model's own forward with labels (Unsloth's
+    chunked cross-entropy on GPU), not TRL's fused head. Here both run through ``train()`` on the
+    tiny model: the model's own loss (full-vocabulary logits) must give the same per-step losses
+    and token counts as the CPU path, gradient accumulation included."""
+    import app.ml.trainer as trainer_module
+
+    overrides = {"max_steps": 3, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}
+    cfg = TrainConfig(**{**_fixture_cfg(), "dataset": "sample:continents", "eval_fraction": 0, **overrides})
+    runs = {}
+    for path in ("masked", "model"):
+        monkeypatch.setattr(trainer_module, "loss_path", lambda backend, on_cuda, path=path: path)
+        hooks = RecordingHooks()
+        done = train(
+            cfg,
+            work_dir=tmp_path / path,
+            output_dir=tmp_path / f"{path}-a",
+            hooks=hooks,
+            models_dir=models_dir,
+        )
+        assert any(f"loss computed on the {path!r} path" in line for line in hooks.lines)
+        runs[path] = (hooks.losses, done.metrics["tokens"])
+    (masked, masked_tokens), (model, model_tokens) = runs["masked"], runs["model"]
+    assert [s for s, _ in masked] == [s for s, _ in model] == [1, 2, 3]
+    assert masked_tokens == model_tokens > 0
+    for (_, a), (_, b) in zip(masked, model, strict=True):
+        assert abs(a - b) < 1e-3 * abs(a), (masked, model)
+
+
+def test_loss_path_per_backend() -> None:
+    from app.ml.trainer import loss_path
+
+    assert loss_path("unsloth", on_cuda=True) == "model"
+    assert loss_path("hf", on_cuda=True) == "trl"
+    assert loss_path("hf", on_cuda=False) == loss_path("unsloth", on_cuda=False) == "masked"
+
+
+def test_a_batch_without_padding_loses_its_attention_mask() -> None:
+    from app.ml.trainer import drop_full_attention_mask
+
+    def collate(rows: list[list[int]]) -> dict:
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+    wrapped = drop_full_attention_mask(collate)
+    full = wrapped([[1, 2, 3], [4, 5, 6]])
+    assert set(full) == {"input_ids", "labels"} and full["input_ids"].tolist() == [[1, 2, 3], [4, 5, 6]]
+    padded = wrapped([[1, 2, 3], [4]])
+    assert padded["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -159,6 +160,10 @@ class AdapterCache:
         except Exception as exc:
             self._discard_partial(spec.id)
             raise Conflict(f"adapter '{spec.name}' could not be loaded: {exc}", field="adapter") from exc
+        if "unsloth" in sys.modules:  # Unsloth may load more of its MoE code with the first adapter
+            from app.ml.unsloth_fixes import make_expert_lora_follow_active_adapter
+
+            make_expert_lora_follow_active_adapter()
         self.peft.eval()
 
     def _discard_partial(self, adapter_id: str) -> None:

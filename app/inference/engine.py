@@ -310,21 +310,30 @@ class InferenceEngine:
     def _cache_policy(self, backend: str) -> tuple[int, set[str]]:
         """Adapter cache capacity and pinned set for the loaded backend.
 
-        On the H200 (2026-11-28, bench/results/gpu-tests-2026-11-28.txt) an Unsloth 4-bit base with two
-        LoRA adapters resident answered the second adapter's requests with the first one's weights,
-        while an adapter resident alone always answered correctly. Until that is understood, the
-        Unsloth backend keeps one adapter resident: correct answers, at the price of a ~1.7 s load per
-        adapter switch. `unsloth_multi_adapter=True` lifts this for experiments.
+        Unsloth 2026.10.9 serves the expert LoRA of the adapter loaded first, whichever is active,
+        unless its lookup is patched (app/ml/unsloth_fixes.py; seen on the H200 on 2026-11-28). Where
+        the patch cannot be applied, or `unsloth_multi_adapter` is off, the Unsloth backend keeps one
+        adapter resident: always the right answer, at the price of a load (~1.7 s for gpt-oss-20b)
+        on every switch.
         """
         capacity, pinned = self.settings.adapter_cache_size, set(self.settings.pinned_adapters)
-        if backend == "unsloth" and not self.settings.unsloth_multi_adapter:
-            if capacity > 1 or pinned:
-                log.warning(
-                    "unsloth backend: keeping one adapter loaded at a time (adapter_cache_size and "
-                    "pinned_adapters ignored) to avoid a known multi-adapter mix-up; see BENCHMARKS.md"
-                )
-            return 1, set()
-        return capacity, pinned
+        if backend != "unsloth":
+            return capacity, pinned
+        from app.ml.unsloth_fixes import make_expert_lora_follow_active_adapter
+
+        state = make_expert_lora_follow_active_adapter()
+        if self.settings.unsloth_multi_adapter and state == "patched":
+            return capacity, pinned
+        reason = (
+            "unsloth_multi_adapter is off"
+            if not self.settings.unsloth_multi_adapter
+            else ("Unsloth's expert-LoRA lookup was not found to patch (another Unsloth version?)")
+        )
+        log.warning(
+            "unsloth backend: one adapter loaded at a time (adapter_cache_size and pinned_adapters "
+            f"ignored): {reason}"
+        )
+        return 1, set()
 
     def _drop_model(self) -> None:
         self._loaded = None
