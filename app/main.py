@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,7 +12,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app import observability
+from app.ml.modeling import import_unsloth_first
+
+# Unsloth patches transformers only when imported first; the routes and the engine import transformers.
+if os.environ.get("GPTOSS_BACKEND", "auto").strip().lower() != "hf":
+    import_unsloth_first()  # a no-op without CUDA or without the unsloth package
+
+from app import observability  # noqa: E402
 from app.api.routes import adapters, files, generate, health, jobs, openai_compat, plots
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker, upgrade_to_head

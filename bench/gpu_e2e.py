@@ -61,7 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop-api", action="store_true", help="with --attach: stop that API afterwards")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-words", type=int, default=240, help="about this many prompt tokens")
-    p.add_argument("--concurrency", default="8,32")
+    p.add_argument("--concurrency", default="8,32", help="concurrent requests over 4 adapters")
+    p.add_argument("--one-adapter-concurrency", default="8,32", help="concurrent requests, one adapter")
+    p.add_argument("--batch1-rounds", type=int, default=4, help="batch-1 requests in sequence")
     p.add_argument("--max-batch-size", type=int, default=32)
     return p.parse_args(argv)
 
@@ -355,7 +357,11 @@ def adapter_costs(client: httpx.Client, args: argparse.Namespace, a: str, b: str
     }
 
 
-def gen_bench(args: argparse.Namespace, client: httpx.Client, data_dir: Path, adapter: str) -> dict[str, Any]:
+def gen_bench(
+    args: argparse.Namespace, client: httpx.Client, data_dir: Path, adapter: str, save: Any = None
+) -> dict[str, Any]:
+    """The scenarios in order; ``save(out)`` after each, so a run cut short keeps what it measured."""
+    save = save or (lambda out: None)
     out: dict[str, Any] = {**run_header(), "config": {k: str(v) for k, v in vars(args).items()}}
     out["copy_gbs"] = copy_bandwidth_gbs()  # the memory-bandwidth ceiling, measured in this run
     extra = clone_adapters(args, data_dir, adapter, 3)
@@ -369,14 +375,18 @@ def gen_bench(args: argparse.Namespace, client: httpx.Client, data_dir: Path, ad
         "load_ms_estimate": round(statistics.median(cold) - statistics.median(warm), 2),
     }
     out["adapter_switch"] = adapter_costs(client, args, adapter, extra[0])
+    save(out)
     _one(client, args, adapter, 0, 8)  # warm-up
-    out["scenarios"] = {
-        "batch1_adapter": scenario(client, args, [adapter], 1, rounds=4),
-        "batch1_base": scenario(client, args, [None], 1, rounds=2),
-    }
-    for c in [int(x) for x in args.concurrency.split(",")]:
+    out["scenarios"] = {"batch1_adapter": scenario(client, args, [adapter], 1, rounds=args.batch1_rounds)}
+    save(out)
+    out["scenarios"]["batch1_base"] = scenario(client, args, [None], 1, rounds=2)
+    save(out)
+    for c in [int(x) for x in args.concurrency.split(",") if x]:
         out["scenarios"][f"c{c}_4adapters"] = scenario(client, args, pool, c)
+        save(out)
+    for c in [int(x) for x in args.one_adapter_concurrency.split(",") if x]:
         out["scenarios"][f"c{c}_1adapter"] = scenario(client, args, [adapter], c)
+        save(out)
     return out
 
 
@@ -416,7 +426,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_gen_bench(args: argparse.Namespace, client: httpx.Client, data_dir: Path, adapter: str) -> None:
-    bench = gen_bench(args, client, data_dir, adapter)
+    bench = gen_bench(
+        args, client, data_dir, adapter, save=lambda out: write_json(args.out / "gen_bench.json", out)
+    )
     write_json(args.out / "gen_bench.json", bench)
     print(json.dumps(bench["scenarios"], indent=1))
 

@@ -222,6 +222,9 @@ def test_hot_loaded_adapter_reproduces_the_trained_model(
     torch.cuda.empty_cache()
 
     base = load_base(str(mini_model), for_training=False, **kw)
+    # the manifest a job writes: the cache refuses an adapter that does not name this base
+    manifest = {"base_model": "mini", "base_fingerprint": base.fingerprint}
+    (tmp_path / "adapter/manifest.json").write_text(json.dumps(manifest))
     cache = AdapterCache(
         base.model, capacity=2, pinned=set(), fingerprint=base.fingerprint, base_model="mini"
     )
