@@ -105,3 +105,52 @@ def trained_adapter_continents(models_dir: Path, tmp_path_factory: pytest.TempPa
     )
     assert result.adapter_dir is not None
     return result.adapter_dir
+
+
+_UNSLOTH_PROBE = """
+import importlib.abc, importlib.machinery, json, sys
+from pathlib import Path
+
+seen = {}
+
+
+class UnslothProbe(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path, target=None):
+        if name != "unsloth":
+            return None
+        seen["transformers_already_imported"] = "transformers" in sys.modules
+        return importlib.machinery.ModuleSpec(name, self)
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        pass
+
+
+sys.meta_path.insert(0, UnslothProbe())
+import app.ml.modeling as modeling
+
+modeling.cuda_available = lambda: True
+modeling.unsloth_installed = lambda: True
+"""
+
+
+def probe_unsloth_import_order(code: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``code`` in a fresh interpreter that looks like a GPU host with Unsloth installed: the
+    ``unsloth`` package (not installable without CUDA) is stood in for by an empty module whose import
+    records whether transformers was already imported. Returns what was recorded (``seen``)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _UNSLOTH_PROBE + code + "\nprint(json.dumps(seen))\n"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+        env={**os.environ, **(env or {})},
+    )
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))

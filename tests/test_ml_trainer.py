@@ -275,3 +275,29 @@ def test_a_batch_without_padding_loses_its_attention_mask() -> None:
     assert set(full) == {"input_ids", "labels"} and full["input_ids"].tolist() == [[1, 2, 3], [4, 5, 6]]
     padded = wrapped([[1, 2, 3], [4]])
     assert padded["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_a_job_on_the_unsloth_backend_imports_unsloth_before_transformers(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    """Unsloth patches transformers and TRL only when imported first ("Unsloth should be imported
+    before [transformers]" was logged by the service's job on the H200). In a fresh interpreter, as in
+    the worker's job process, ``train()`` must import it before its tokenizer pulls in transformers."""
+    from tests.fixtures_ml import probe_unsloth_import_order
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n")
+    seen = probe_unsloth_import_order(
+        f"""
+from app.ml.data import DatasetError
+from app.ml.trainer import TrainConfig, train
+cfg = TrainConfig(base_model="tiny-gpt-oss", backend="unsloth", dataset={str(bad)!r})
+try:
+    train(cfg, work_dir=Path({str(tmp_path / "w")!r}), output_dir=Path({str(tmp_path / "a")!r}),
+          models_dir=Path({str(models_dir)!r}))
+except DatasetError as exc:
+    seen["error"] = str(exc)
+"""
+    )
+    assert seen["transformers_already_imported"] is False
+    assert "needs at least one assistant" in seen["error"]  # it got as far as the data, after the import

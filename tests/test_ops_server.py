@@ -100,3 +100,16 @@ def test_served_api_logs_json_lines_with_request_ids(served: tuple[str, Path]) -
     assert access["srv-1"]["status"] == 200 and access["srv-1"]["path"] == "/jobs"
     assert access["srv-3"]["status"] == 429
     assert any(e["logger"].startswith("uvicorn") for e in lines), "uvicorn's own lines go through us too"
+
+
+@pytest.mark.parametrize(("backend", "imported"), [("auto", True), ("hf", False)])
+def test_the_api_imports_unsloth_before_transformers_unless_told_hf(backend: str, imported: bool) -> None:
+    """The API process (uvicorn app.main:app_from_env) serves with Unsloth where it can: Unsloth must be
+    imported before the routes and the engine import transformers (the H200 run warned it was not)."""
+    from tests.fixtures_ml import probe_unsloth_import_order
+
+    seen = probe_unsloth_import_order("import app.main\n", env={"GPTOSS_BACKEND": backend})
+    if imported:
+        assert seen == {"transformers_already_imported": False}
+    else:
+        assert seen == {}  # GPTOSS_BACKEND=hf: Unsloth is never imported
