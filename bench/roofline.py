@@ -79,9 +79,20 @@ def ceiling_tokens_per_s(arch: Arch, batch: int, bandwidth_gbs: float, **kw: Any
     return batch * bandwidth_gbs * 1e9 / sum(step_bytes(arch, batch, **kw).values())
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Decode ceilings of gpt-oss-20b at a memory bandwidth.")
+    parser.add_argument("--bandwidth-gbs", type=float, default=4219.0, help="measured copy bandwidth")
+    bandwidth = parser.parse_args(argv).bandwidth_gbs
     for mode in ("routed", "all"):
         for b in (1, 8, 32):
             gb = sum(step_bytes(Arch(), b, experts=mode).values()) / 1e9
-            ceiling = ceiling_tokens_per_s(Arch(), b, 4219, experts=mode)
-            print(f"experts={mode} batch={b}: {gb:.2f} GB/step, ceiling {ceiling:.0f} tokens/s at 4219 GB/s")
+            ceiling = ceiling_tokens_per_s(Arch(), b, bandwidth, experts=mode)
+            print(
+                f"experts={mode} batch={b}: {gb:.2f} GB/step, ceiling {ceiling:.0f} tokens/s at {bandwidth:.0f} GB/s"
+            )
+
+
+if __name__ == "__main__":
+    main()
