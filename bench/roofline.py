@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
             gb = sum(step_bytes(Arch(), b, experts=mode).values()) / 1e9
             ceiling = ceiling_tokens_per_s(Arch(), b, bandwidth, experts=mode)
             print(
-                f"experts={mode} batch={b}: {gb:.2f} GB/step, ceiling {ceiling:.0f} tokens/s at {bandwidth:.0f} GB/s"
+                f"experts={mode} batch={b}: {gb:.2f} GB/step, "
+                f"ceiling {ceiling:.0f} tokens/s at {bandwidth:.0f} GB/s"
             )
 
 
