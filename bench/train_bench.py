@@ -49,6 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--steps", type=int, default=6, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="after the timed steps, this many more under torch.profiler -> <out>/profile_<loop>.txt",
+    )
     p.add_argument("--four-bit", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument(
         "--optim",
@@ -63,28 +69,75 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class StepClock:
-    """Records the wall time at the end of every optimizer step; resets the peak after the warm-up."""
+    """Records the wall time at the end of every optimizer step; resets the peak after the warm-up.
+    With ``profile_steps``, the steps after the timed ones run under ``torch.profiler`` (they never
+    count in tokens/s) and the busiest operators are written to ``profile_path``."""
 
-    def __init__(self, warmup: int) -> None:
+    def __init__(
+        self, warmup: int, steps: int, profile_steps: int = 0, profile_path: Path | None = None
+    ) -> None:
         self.warmup = warmup
+        self.steps = steps
+        self.profile_steps = profile_steps
+        self.profile_path = profile_path
         self.stamps: list[float] = []
         self.peak_before_gib: float | None = None  # load + warm-up steps
+        self.train_peak_gib: float | None = None
+        self._profiler: Any = None
+
+    @property
+    def total_steps(self) -> int:
+        return self.warmup + self.steps + self.profile_steps
 
     def tick(self) -> None:
         from bench.common import cuda_sync
 
         cuda_sync()
         self.stamps.append(time.perf_counter())
-        if len(self.stamps) == self.warmup:
+        done = len(self.stamps)
+        if done == self.warmup:
             self.peak_before_gib = peak_gib()
             reset_peak()  # the timed steps' own peak, without load-time spikes
+        if done == self.warmup + self.steps:
+            self.train_peak_gib = peak_gib()
+            if self.profile_steps:
+                self._start_profiler()
+        if self._profiler is not None and done == self.total_steps:
+            self._stop_profiler()
+
+    def _start_profiler(self) -> None:
+        import torch
+
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self._profiler = torch.profiler.profile(activities=activities)
+        self._profiler.start()
+
+    def _stop_profiler(self) -> None:
+        import torch
+
+        self._profiler.stop()
+        averages = self._profiler.key_averages()
+        sorts = ["self_cpu_time_total", "cpu_time_total"]
+        if torch.cuda.is_available():
+            sorts.insert(0, "self_cuda_time_total")
+        text = [f"{self.profile_steps} profiled steps after the timed ones; operators sorted by each column"]
+        for key in sorts:
+            text += [f"\n== by {key}", averages.table(sort_by=key, row_limit=30, max_name_column_width=60)]
+        if self.profile_path is not None:
+            self.profile_path.parent.mkdir(parents=True, exist_ok=True)
+            self.profile_path.write_text("\n".join(text))
+        self._profiler = None
 
     def result(self, tokens_per_step: int) -> dict[str, Any]:
-        timed = self.stamps[self.warmup - 1 :] if self.warmup else self.stamps
+        timed = self.stamps[max(self.warmup - 1, 0) : self.warmup + self.steps]
+        if not self.warmup:
+            timed = self.stamps[: self.steps]
         step_s = [b - a for a, b in zip(timed, timed[1:], strict=False)]
         stats = summarize(step_s)
         mean = stats.get("mean")
-        train_peak = peak_gib()
+        train_peak = self.train_peak_gib if self.train_peak_gib is not None else peak_gib()
         return {
             "steps_timed": len(step_s),
             "step_s": stats,
@@ -93,6 +146,11 @@ class StepClock:
             "peak_gib_train": train_peak,
             "peak_gib_process": max(self.peak_before_gib or 0, train_peak or 0) or None,
         }
+
+
+def make_clock(args: argparse.Namespace) -> StepClock:
+    path = args.out / f"profile_{args.one}.txt" if args.profile_steps else None
+    return StepClock(args.warmup, args.steps, args.profile_steps, path)
 
 
 # --- the bare loops ---------------------------------------------------------------------------------
@@ -116,10 +174,10 @@ def bare_loop(model: Any, args: argparse.Namespace, rows: list[tuple[list[int], 
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, args)
-    clock = StepClock(args.warmup)
+    clock = make_clock(args)
     device = next(p.device for p in params)
     model.train()
-    for ids, labels in _batches(rows, args.batch, args.warmup + args.steps):
+    for ids, labels in _batches(rows, args.batch, clock.total_steps):
         out = model(input_ids=ids.to(device), labels=labels.to(device))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
@@ -185,7 +243,7 @@ def run_service(args: argparse.Namespace, rows_jsonl: Path, work: Path) -> StepC
     """`app.ml.trainer.train` with the same batch, length, rank, targets and step count."""
     from app.ml.trainer import TrainConfig, train
 
-    clock = StepClock(args.warmup)
+    clock = make_clock(args)
 
     class Hooks(PrintingHooks):
         def on_step(self, metrics: dict[str, Any]) -> None:
@@ -205,7 +263,7 @@ def service_config(args: argparse.Namespace, rows_jsonl: Path) -> dict[str, Any]
         "max_seq_length": args.seq,
         "per_device_train_batch_size": args.batch,
         "gradient_accumulation_steps": 1,
-        "max_steps": args.warmup + args.steps,
+        "max_steps": args.warmup + args.steps + args.profile_steps,
         "lora_r": args.rank,
         "lora_alpha": args.alpha,
         "lora_dropout": 0.0,
@@ -233,7 +291,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     from app.ml.modeling import resolve_model_path
     from bench.data import fixed_length_rows, render_all, write_jsonl
 
-    n_rows = args.batch * (args.warmup + args.steps)
+    n_rows = args.batch * (args.warmup + args.steps + args.profile_steps)
     rows = fixed_length_rows(n_rows, args.seq)
     rendered = render_all(rows)
     lengths = sorted({len(ids) for ids, _ in rendered})
@@ -270,6 +328,9 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
         runs.append({**result, "run": i + 1})
         if out.exists():
             out.rename(args.out / f"train_{i + 1}_{loop}.json")
+        profile = args.out / f"profile_{loop}.txt"
+        if profile.exists():
+            profile.rename(args.out / f"profile_{i + 1}_{loop}.txt")
     results = {
         loop: combine([r for r in runs if r["loop"] == loop])
         for loop in dict.fromkeys(r["loop"] for r in runs)
@@ -315,6 +376,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
         "four_bit": args.four_bit,
         "steps": args.steps,
         "warmup": args.warmup,
+        "profile_steps": args.profile_steps,
         "optimizer": args.optim,
         "weight_decay": WEIGHT_DECAY,
         "max_grad_norm": MAX_GRAD_NORM,

@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# GPU call: `pytest -m gpu` while the full-size random gpt-oss-20b is built with the project's command,
-# then the training benchmark (loops in $LOOPS, default service,unsloth,hf) on that model.
+# GPU call: `pytest -m gpu` (skipped with PYTEST=0) while the full-size random gpt-oss-20b is built with
+# the project's command, then the training benchmark (loops in $LOOPS, default service,unsloth,hf; with
+# PROFILE_STEPS=n, n more steps per loop under torch.profiler -> profile_<run>_<loop>.txt).
 CALL=tests-train; source bench/device/common.sh
 FULL=$GPU_MODELS/gpt-oss-20b-random
 export GIT_REV GPTOSS_TEST_CACHE=/tmp/gptoss-test-cache
 ( [ -f "$FULL/config.json" ] || python3 scripts/make_full_model.py --out "$FULL" --models_dir "$GPU_MODELS" ) > "$RUN/build.log" 2>&1 &
 build=$!
 { header; echo; } > "$RUN/gpu-tests.txt"
-stage pytest ${PYTEST_S:-300} python3 -m bench.pytest_gpu -m gpu tests/test_gpu.py -v -rA --durations=0 -p no:cacheprovider
-cat "$RUN/pytest.log" >> "$RUN/gpu-tests.txt"
+[ "${PYTEST:-1}" = 1 ] && stage pytest ${PYTEST_S:-300} python3 -m bench.pytest_gpu -m gpu tests/test_gpu.py -v -rA --durations=0 -p no:cacheprovider
+grep -v "DEBUG\|torch.__trace" "$RUN/pytest.log" >> "$RUN/gpu-tests.txt" 2>/dev/null
 wait $build; echo "build rc=$? at ${SECONDS}s" >> "$RUN/stages.txt"
 du -sh "$FULL" >> "$RUN/stages.txt"
 stage train 600 python3 -m bench.train_bench --model "$FULL" --models-dir "$GPU_MODELS" --out "$RUN/train" \
-  --loops ${LOOPS:-service,unsloth,hf} --batch 4 --seq 1024 --rank 16 --steps 6 --warmup 2
-cp "$RUN/train/"*.json "$RUN/" 2>/dev/null
-tail -n 40 "$RUN/pytest.log"
+  --loops ${LOOPS:-service,unsloth,hf} --batch 4 --seq 1024 --rank 16 --steps 6 --warmup 2 \
+  --profile-steps ${PROFILE_STEPS:-0}
+cp "$RUN/train/"*.json "$RUN/train/"*.txt "$RUN/" 2>/dev/null
+tail -n 40 "$RUN/pytest.log" 2>/dev/null
 tail -c 2500 "$RUN/train.log"
