@@ -1,6 +1,7 @@
 """CPU checks of the benchmark helpers the GPU runs rely on (bench/): the datasets really have the
-lengths the figures assume, and the bandwidth ceiling and the packing rate add up. The benchmarks
-themselves run on the GPU machine (bench/README.md); these run everywhere, in about a second."""
+lengths the figures assume, the bandwidth ceiling and the packing rate add up, and the training
+benchmark and the plain-`generate` baseline run end to end on the tiny model (about 40 s). The
+benchmarks themselves run on the GPU machine (bench/README.md)."""
 
 from __future__ import annotations
 
@@ -53,3 +54,51 @@ def test_packing_rate_counts_tokens_of_the_timed_steps_only() -> None:
     assert rate["steps"] == 2
     assert rate["real_tokens"] == 100 * 1 + 50 * 2
     assert rate["tokens_per_s"] == pytest.approx(200 / 3)
+
+
+def _bench(module: str, *args: str) -> None:
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", module, *args], check=True, capture_output=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_train_bench_repeats_a_loop_and_profiles_after_the_timed_steps(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    """The training benchmark as the GPU runs it, on the tiny model (the service loop only: the bare
+    Unsloth loop needs CUDA): a loop named twice runs twice, its mean is over both runs, and the
+    profiled steps come after the timed ones."""
+    import json
+
+    _bench(
+        "bench.train_bench",
+        *("--model", "tiny-gpt-oss", "--models-dir", str(models_dir), "--out", str(tmp_path)),
+        *("--loops", "service,service", "--batch", "2", "--seq", "128", "--steps", "2", "--warmup", "1"),
+        *("--profile-steps", "1"),
+    )
+    summary = json.loads((tmp_path / "train_bench.json").read_text())
+    assert [(r["run"], r["loop"]) for r in summary["runs"]] == [(1, "service"), (2, "service")]
+    service = summary["loops"]["service"]
+    rates = service["tokens_per_s_runs"]
+    assert len(rates) == 2 and all(r > 0 for r in rates)
+    assert service["tokens_per_s"] == pytest.approx(sum(rates) / 2)
+    for run in (1, 2):
+        one = json.loads((tmp_path / f"train_{run}_service.json").read_text())
+        assert one["steps_timed"] == 2  # warm-up and profiled steps excluded
+        assert "aten::" in (tmp_path / f"profile_{run}_service.txt").read_text()
+
+
+@pytest.mark.slow
+def test_gen_baseline_times_plain_generate(models_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    _bench(
+        "bench.gen_baseline",
+        *("--model", "tiny-gpt-oss", "--models-dir", str(models_dir), "--out", str(tmp_path)),
+        *("--new-tokens", "4", "--rounds", "2", "--prompt-words", "20"),
+    )
+    result = json.loads((tmp_path / "gen_baseline.json").read_text())
+    assert [r["new_tokens"] for r in result["runs"]] == [4, 4]  # min_new_tokens: every run to the limit
+    assert result["tokens_per_s"]["n"] == 2 and result["aggregate_tokens_per_s"] > 0
