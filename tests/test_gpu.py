@@ -95,21 +95,27 @@ def gpu_adapters(
     return {task: _train(task, root, mini_model, models_dir) for task in ANSWERS}
 
 
-@pytest.fixture(scope="module")
-def gpu_engine(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, mini_model: Path) -> Iterator[Any]:
-    """The inference engine serving the mini model from Unsloth in 4-bit."""
-    from app.inference.engine import InferenceEngine
+def _unsloth_settings(root: Path, models_dir: Path, mini_model: Path, **overrides: Any) -> Any:
+    """Engine settings serving the mini model from Unsloth in 4-bit."""
     from tests.fixtures_inference import inference_settings
 
-    root = tmp_path_factory.mktemp("gpu-engine")
-    settings = inference_settings(
+    return inference_settings(
         root / "data",
         models_dir,
         base_model=str(mini_model),
         backend="unsloth",
         load_in_4bit=True,
-        max_batch_size=16,
+        **overrides,
     )
+
+
+@pytest.fixture(scope="module")
+def gpu_engine(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, mini_model: Path) -> Iterator[Any]:
+    """The inference engine serving the mini model from Unsloth in 4-bit."""
+    from app.inference.engine import InferenceEngine
+
+    root = tmp_path_factory.mktemp("gpu-engine")
+    settings = _unsloth_settings(root, models_dir, mini_model, max_batch_size=16)
     engine = InferenceEngine(settings)
     engine.start()
     yield engine
@@ -267,16 +273,9 @@ def test_one_adapter_fallback_answers_each_task(
 ) -> None:
     """unsloth_multi_adapter=false: one adapter resident, reloaded on every switch."""
     from app.inference.engine import InferenceEngine
-    from tests.fixtures_inference import ANSWERS, inference_settings
+    from tests.fixtures_inference import ANSWERS
 
-    settings = inference_settings(
-        tmp_path / "data",
-        models_dir,
-        base_model=str(mini_model),
-        backend="unsloth",
-        load_in_4bit=True,
-        unsloth_multi_adapter=False,
-    )
+    settings = _unsloth_settings(tmp_path, models_dir, mini_model, unsloth_multi_adapter=False)
     engine = InferenceEngine(settings)
     engine.start()
     try:
