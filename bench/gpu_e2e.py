@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -358,10 +359,13 @@ def adapter_costs(client: httpx.Client, args: argparse.Namespace, a: str, b: str
 
 
 def gen_bench(
-    args: argparse.Namespace, client: httpx.Client, data_dir: Path, adapter: str, save: Any = None
+    args: argparse.Namespace,
+    client: httpx.Client,
+    data_dir: Path,
+    adapter: str,
+    save: Callable[[dict[str, Any]], None],
 ) -> dict[str, Any]:
     """The scenarios in order; ``save(out)`` after each, so a run cut short keeps what it measured."""
-    save = save or (lambda out: None)
     out: dict[str, Any] = {**run_header(), "config": {k: str(v) for k, v in vars(args).items()}}
     out["copy_gbs"] = copy_bandwidth_gbs()  # the memory-bandwidth ceiling, measured in this run
     extra = clone_adapters(args, data_dir, adapter, 3)
@@ -428,8 +432,7 @@ def main(argv: list[str] | None = None) -> None:
 def run_gen_bench(args: argparse.Namespace, client: httpx.Client, data_dir: Path, adapter: str) -> None:
     bench = gen_bench(
         args, client, data_dir, adapter, save=lambda out: write_json(args.out / "gen_bench.json", out)
-    )
-    write_json(args.out / "gen_bench.json", bench)
+    )  # written after every scenario, the last one included
     print(json.dumps(bench["scenarios"], indent=1))
 
 

@@ -132,8 +132,6 @@ class StepClock:
 
     def result(self, tokens_per_step: int) -> dict[str, Any]:
         timed = self.stamps[max(self.warmup - 1, 0) : self.warmup + self.steps]
-        if not self.warmup:
-            timed = self.stamps[: self.steps]
         step_s = [b - a for a, b in zip(timed, timed[1:], strict=False)]
         stats = summarize(step_s)
         mean = stats.get("mean")

@@ -324,11 +324,10 @@ class InferenceEngine:
         state = make_expert_lora_follow_active_adapter()
         if self.settings.unsloth_multi_adapter and state == "patched":
             return capacity, pinned
-        reason = (
-            "unsloth_multi_adapter is off"
-            if not self.settings.unsloth_multi_adapter
-            else ("Unsloth's expert-LoRA lookup was not found to patch (another Unsloth version?)")
-        )
+        if not self.settings.unsloth_multi_adapter:
+            reason = "unsloth_multi_adapter is off"
+        else:
+            reason = "Unsloth's expert-LoRA lookup was not found to patch (another Unsloth version?)"
         log.warning(
             "unsloth backend: one adapter loaded at a time (adapter_cache_size and pinned_adapters "
             f"ignored): {reason}"

@@ -238,9 +238,6 @@ def _load_unsloth(path: str, *, load_in_4bit: bool, max_seq_length: int) -> tupl
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=path, max_seq_length=max_seq_length, load_in_4bit=load_in_4bit, dtype=None
     )
-    from app.ml.unsloth_fixes import make_expert_lora_follow_active_adapter
-
-    make_expert_lora_follow_active_adapter()  # several resident adapters: see unsloth_fixes
     return model, tokenizer
 
 
