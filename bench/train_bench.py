@@ -6,10 +6,14 @@
 - service: `app.ml.trainer.train` exactly as the worker's child process calls it (TRL SFTTrainer,
   Unsloth backend on CUDA), timed through its own `TrainHooks.on_step`.
 - unsloth: a bare loop, `FastLanguageModel` + `get_peft_model` + AdamW, no trainer around it.
+- unsloth-amp: the same bare loop with its forward under bf16 autocast, as the HF Trainer runs it
+  (the service's step runs under `accelerate`'s autocast; the bare loop does not).
 - hf: a bare loop on transformers + PEFT in bf16, experts reached via `target_parameters`.
 
 Each loop runs in its own process (Unsloth patches transformers on import, and peak memory must be
-per loop), on the same rows rendered by the project's harmony code, all exactly `--seq` tokens long.
+per loop), on the same rows rendered by the project's harmony code, all exactly `--seq` tokens long,
+in the same batches and order (the service's job runs with shuffle=false), so step n of one loop and
+step n of another do the same work and can be compared step by step.
 Tokens/s = batch x seq / step time, mean over `--steps` steps after `--warmup` steps; peak memory is
 `torch.cuda.max_memory_allocated` over the timed steps and over the whole process (load included).
 """
@@ -29,7 +33,7 @@ from bench.common import PrintingHooks, peak_gib, read_json, reset_peak, run_hea
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-LOOPS = ("service", "unsloth", "hf")
+LOOPS = ("service", "unsloth", "unsloth-amp", "hf")
 # The service's defaults (TrainConfig), used by all three loops.
 WEIGHT_DECAY = 0.01
 MAX_GRAD_NORM = 1.0
@@ -40,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="model folder (or 'tiny-gpt-oss')")
     p.add_argument("--models-dir", type=Path, default=Path("data/models"), help="offline tokenizer + tiny")
     p.add_argument("--out", type=Path, required=True, help="folder for the JSON results")
-    p.add_argument("--loops", default=",".join(LOOPS))
+    p.add_argument("--loops", default="service,unsloth,hf")
     p.add_argument("--one", choices=LOOPS, help=argparse.SUPPRESS)  # internal: run one loop here
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=1024)
@@ -118,11 +122,17 @@ class StepClock:
         import torch
 
         self._profiler.stop()
+        wall_s = self.stamps[-1] - self.stamps[-1 - self.profile_steps]
         averages = self._profiler.key_averages()
         sorts = ["self_cpu_time_total", "cpu_time_total"]
         if torch.cuda.is_available():
             sorts.insert(0, "self_cuda_time_total")
-        text = [f"{self.profile_steps} profiled steps after the timed ones; operators sorted by each column"]
+        busy_s = sum(getattr(e, "self_device_time_total", 0) or 0 for e in averages) / 1e6
+        text = [
+            f"{self.profile_steps} profiled steps after the timed ones; operators sorted by each column",
+            f"wall {wall_s:.3f} s; GPU kernels {busy_s:.3f} s (sum of self device time: overlapping "
+            f"streams count twice) = {busy_s / max(wall_s, 1e-9):.1%} of wall",
+        ]
         for key in sorts:
             text += [f"\n== by {key}", averages.table(sort_by=key, row_limit=30, max_name_column_width=60)]
         if self.profile_path is not None:
@@ -139,6 +149,7 @@ class StepClock:
         return {
             "steps_timed": len(step_s),
             "step_s": stats,
+            "step_s_each": step_s,
             "tokens_per_step": tokens_per_step,
             "tokens_per_s": tokens_per_step / mean if mean else None,
             "peak_gib_train": train_peak,
@@ -175,8 +186,10 @@ def bare_loop(model: Any, args: argparse.Namespace, rows: list[tuple[list[int], 
     clock = make_clock(args)
     device = next(p.device for p in params)
     model.train()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.one == "unsloth-amp")
     for ids, labels in _batches(rows, args.batch, clock.total_steps):
-        out = model(input_ids=ids.to(device), labels=labels.to(device))
+        with autocast:
+            out = model(input_ids=ids.to(device), labels=labels.to(device))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         opt.step()
@@ -271,6 +284,7 @@ def service_config(args: argparse.Namespace, rows_jsonl: Path) -> dict[str, Any]
         "optim": "adamw_8bit" if args.optim == "adamw8bit" and _cuda() else "adamw_torch",
         "gradient_checkpointing": True,
         "packing": False,
+        "shuffle": False,  # the bare loops' batches, in their order
         "save_steps": 100_000,  # no checkpoint inside the timed steps
         "logging_steps": 1,
     }
@@ -303,7 +317,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         clock = run_service(args, write_jsonl(rows, work / "rows.jsonl"), work)
         load_s = None  # inside train(); the first warm-up step absorbs it
     else:
-        model = load_unsloth(args, path) if args.one == "unsloth" else load_hf(args, path)
+        model = load_hf(args, path) if args.one == "hf" else load_unsloth(args, path)
         load_s = time.perf_counter() - t0
         clock = bare_loop(model, args, rendered)
     result = clock.result(args.batch * lengths[0])
@@ -360,7 +374,24 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
         merged[key] = sum(values) / len(values) if values else None
         merged[f"{key}_runs"] = values
     merged["step_s"] = {**ok[0]["step_s"], "mean": sum(r["step_s"]["mean"] for r in ok) / len(ok)}
+    merged["step_s_each_runs"] = [r.get("step_s_each") or [] for r in ok]
     return merged
+
+
+def paired_step_ratio(results: dict[str, Any], fast: str, slow: str) -> float | None:
+    """Median over step indices of (fast loop's step time / slow loop's), each step's time averaged
+    over that loop's runs: both loops train the same batch at the same index, so this compares like
+    with like where the mean over steps mixes in which batches were slow."""
+    import statistics
+
+    def per_step(loop: str) -> list[float]:
+        runs = [r for r in results.get(loop, {}).get("step_s_each_runs", []) if r]
+        n = min((len(r) for r in runs), default=0)
+        return [statistics.fmean(r[i] for r in runs) for i in range(n)]
+
+    a, b = per_step(fast), per_step(slow)
+    pairs = [x / y for x, y in zip(a, b, strict=False) if y > 0]
+    return round(statistics.median(pairs), 4) if pairs else None
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
@@ -392,6 +423,10 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
 
     return {
         "service_over_unsloth_tokens": div(get("service", "tokens_per_s"), get("unsloth", "tokens_per_s")),
+        "service_over_unsloth_paired_steps": paired_step_ratio(results, "unsloth", "service"),
+        "service_over_unsloth_amp_tokens": div(
+            get("service", "tokens_per_s"), get("unsloth-amp", "tokens_per_s")
+        ),
         "service_over_hf_tokens": div(get("service", "tokens_per_s"), get("hf", "tokens_per_s")),
         "service_over_hf_peak": div(get("service", "peak_gib_process"), get("hf", "peak_gib_process")),
         "unsloth_over_hf_tokens": div(get("unsloth", "tokens_per_s"), get("hf", "tokens_per_s")),
@@ -399,21 +434,21 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
 
 
 def print_table(summary: dict[str, Any]) -> None:
-    print(f"{'run':<5}{'loop':<9}{'tokens/s':>11}{'peak GiB (all)':>16}")
+    print(f"{'run':<5}{'loop':<12}{'tokens/s':>11}{'peak GiB (all)':>16}")
     for r in summary["runs"]:
         if r.get("error"):
-            print(f"{r['run']:<5}{r['loop']:<9} {r['error']}")
+            print(f"{r['run']:<5}{r['loop']:<12} {r['error']}")
             continue
-        print(f"{r['run']:<5}{r['loop']:<9}{r['tokens_per_s']:>11.1f}{r['peak_gib_process'] or 0:>16.2f}")
+        print(f"{r['run']:<5}{r['loop']:<12}{r['tokens_per_s']:>11.1f}{r['peak_gib_process'] or 0:>16.2f}")
     print(
-        f"{'mean':<5}{'loop':<9}{'tokens/s':>11}{'step s':>9}{'peak GiB (train)':>18}{'peak GiB (all)':>16}"
+        f"{'mean':<5}{'loop':<12}{'tokens/s':>11}{'step s':>9}{'peak GiB (train)':>18}{'peak GiB (all)':>16}"
     )
     for loop, r in summary["loops"].items():
         if "error" in r:
-            print(f"{'':<5}{loop:<9} {r['error']}")
+            print(f"{'':<5}{loop:<12} {r['error']}")
             continue
         print(
-            f"{'':<5}{loop:<9}{r['tokens_per_s']:>11.1f}{r['step_s']['mean']:>9.3f}"
+            f"{'':<5}{loop:<12}{r['tokens_per_s']:>11.1f}{r['step_s']['mean']:>9.3f}"
             f"{r['peak_gib_train'] or 0:>18.2f}{r['peak_gib_process'] or 0:>16.2f}"
         )
     print("ratios:", summary["ratios"])

@@ -86,8 +86,26 @@ def test_train_bench_repeats_a_loop_and_profiles_after_the_timed_steps(
     assert service["tokens_per_s"] == pytest.approx(sum(rates) / 2)
     for run in (1, 2):
         one = json.loads((tmp_path / f"train_{run}_service.json").read_text())
-        assert one["steps_timed"] == 2  # warm-up and profiled steps excluded
-        assert "aten::" in (tmp_path / f"profile_{run}_service.txt").read_text()
+        assert one["steps_timed"] == len(one["step_s_each"]) == 2  # warm-up and profiled steps excluded
+        profile = (tmp_path / f"profile_{run}_service.txt").read_text()
+        assert "aten::" in profile and "of wall" in profile
+    assert service["step_s_each_runs"] == [
+        json.loads((tmp_path / f"train_{run}_service.json").read_text())["step_s_each"] for run in (1, 2)
+    ]
+
+
+def test_paired_step_ratio_compares_the_same_steps() -> None:
+    """Step i of both loops trains the same batch: the ratio is the median of per-step ratios (each
+    step averaged over a loop's runs), so one slow batch does not move it the way it moves a mean."""
+    from bench.train_bench import paired_step_ratio
+
+    results = {
+        "unsloth": {"step_s_each_runs": [[0.40, 0.50, 0.40, 0.90], [0.40, 0.50, 0.40, 0.90]]},
+        "service": {"step_s_each_runs": [[0.50, 0.50, 0.50, 1.00], [0.30, 0.50, 0.30, 1.00]]},
+    }
+    # per step: 0.4/0.4, 0.5/0.5, 0.4/0.4, 0.9/1.0 -> median 1.0
+    assert paired_step_ratio(results, "unsloth", "service") == 1.0
+    assert paired_step_ratio(results, "unsloth", "missing") is None
 
 
 @pytest.mark.slow

@@ -253,6 +253,40 @@ def test_model_loss_path_matches_the_masked_path(
         assert abs(a - b) < 1e-3 * abs(a), (masked, model)
 
 
+def test_shuffle_false_trains_the_rows_in_file_order(models_dir: Path, tmp_path: Path) -> None:
+    """The batches the trainer feeds: in file order with shuffle=false (the training benchmark relies
+    on it to give the service and a bare loop the same batches), in a seeded other order by default."""
+    from app.ml.modeling import apply_lora
+    from app.ml.trainer import build_trainer, prepare_data
+
+    loaded = load_base("tiny-gpt-oss", backend="hf", models_dir=models_dir, for_training=True)
+    seen = {}
+    for shuffle in (False, True):
+        cfg = TrainConfig(**{**_fixture_cfg(), "per_device_train_batch_size": 4, "shuffle": shuffle})
+        data = prepare_data(cfg, None)
+        model = apply_lora(
+            loaded,
+            r=cfg.lora_r,
+            alpha=cfg.lora_alpha,
+            dropout=0.0,
+            target_modules=cfg.target_modules,
+            target_parameters=cfg.target_parameters,
+            seed=cfg.seed,
+            gradient_checkpointing=False,
+        )
+        trainer = build_trainer(cfg, model, loaded, data, tmp_path / str(shuffle))
+        batches = list(trainer.get_train_dataloader())
+        seen[shuffle] = [row for b in batches for row in _unpadded(b["input_ids"], b["attention_mask"])]
+        model.unload()  # the next round wraps the same base again
+    in_file_order = [row["input_ids"] for row in data.train]
+    assert seen[False] == in_file_order
+    assert seen[True] != in_file_order and sorted(seen[True]) == sorted(in_file_order)
+
+
+def _unpadded(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    return [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
+
+
 def test_loss_path_per_backend() -> None:
     from app.ml.trainer import loss_path
 

@@ -120,6 +120,7 @@ class TrainConfig(BaseModel):
     )
     gradient_checkpointing: bool = Field(True, description="trade compute for memory (CUDA only)")
     seed: int = Field(3407, ge=0, le=2**32 - 1, description="seed for LoRA init, data order and dropout")
+    shuffle: bool = Field(True, description="shuffle rows every epoch (seeded); false = file order")
     save_steps: int = Field(10, ge=1, le=100_000, description="checkpoint every N steps")
     save_total_limit: int = Field(2, ge=1, le=100, description="checkpoints kept")
     eval_steps: int | None = Field(
@@ -422,6 +423,7 @@ def _sft_config(cfg: TrainConfig, checkpoints: Path, has_eval: bool) -> Any:
         optim=_optim(cfg),
         seed=cfg.seed,
         data_seed=cfg.seed,
+        train_sampling_strategy="random" if cfg.shuffle else "sequential",
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
@@ -566,6 +568,24 @@ def check_packing(cfg: TrainConfig, backend: str) -> None:
         )
 
 
+def build_trainer(cfg: TrainConfig, model: Any, loaded: Any, data: PreparedData, work_dir: Path) -> Any:
+    """The project's SFTTrainer for a LoRA model, with its loss path (and, on the ``model`` path,
+    the collator that drops all-ones attention masks)."""
+    from datasets import Dataset
+
+    trainer = _trainer_class()(
+        model=model,
+        args=_sft_config(cfg, Path(work_dir) / "checkpoints", data.eval is not None),
+        train_dataset=Dataset.from_list(data.train),
+        eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
+        processing_class=loaded.tokenizer,
+    )
+    trainer.loss_path = loss_path(loaded.backend, cuda_available())
+    if trainer.loss_path == "model":
+        trainer.data_collator = drop_full_attention_mask(trainer.data_collator)
+    return trainer
+
+
 def train(
     cfg: TrainConfig,
     *,
@@ -583,8 +603,6 @@ def train(
         # when imported first. Measured on the H200 before this: "Unsloth should be imported before
         # [transformers]" in the job, at 0.92 of a bare Unsloth loop's tokens/s.
         import_unsloth_first()
-    from datasets import Dataset
-
     hooks = hooks or NullHooks()
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -613,17 +631,8 @@ def train(
     )
     if cfg.packing:
         keep_packed_samples_apart(model)
-    trainer = _trainer_class()(
-        model=model,
-        args=_sft_config(cfg, work_dir / "checkpoints", data.eval is not None),
-        train_dataset=Dataset.from_list(data.train),
-        eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
-        processing_class=loaded.tokenizer,
-    )
-    trainer.loss_path = loss_path(loaded.backend, cuda_available())
+    trainer = build_trainer(cfg, model, loaded, data, work_dir)
     hooks.on_log(f"loss computed on the {trainer.loss_path!r} path")
-    if trainer.loss_path == "model":
-        trainer.data_collator = drop_full_attention_mask(trainer.data_collator)
     callback = _callback(hooks, lambda: trainer.tokens_seen)
     trainer.add_callback(callback)
     _drop_incomplete_checkpoints(work_dir, hooks)

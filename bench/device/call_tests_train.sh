@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU call: `pytest -m gpu` (skipped with PYTEST=0) while the full-size random gpt-oss-20b is built with
 # the project's command, then the training benchmark (loops in $LOOPS, default service,unsloth,hf; with
-# PROFILE_STEPS=n, n more steps per loop under torch.profiler -> profile_<run>_<loop>.txt).
+# PROFILE_STEPS=n, n more steps per loop under torch.profiler -> profile_<run>_<loop>.txt; STEPS and
+# WARMUP set the timed and untimed steps, default 6 and 2).
 CALL=tests-train; source bench/device/common.sh
 FULL=$GPU_MODELS/gpt-oss-20b-random
 export GIT_REV GPTOSS_TEST_CACHE=/tmp/gptoss-test-cache
@@ -13,7 +14,7 @@ grep -v "DEBUG\|torch.__trace" "$RUN/pytest.log" >> "$RUN/gpu-tests.txt" 2>/dev/
 wait $build; echo "build rc=$? at ${SECONDS}s" >> "$RUN/stages.txt"
 du -sh "$FULL" >> "$RUN/stages.txt"
 stage train 600 python3 -m bench.train_bench --model "$FULL" --models-dir "$GPU_MODELS" --out "$RUN/train" \
-  --loops ${LOOPS:-service,unsloth,hf} --batch 4 --seq 1024 --rank 16 --steps 6 --warmup 2 \
+  --loops ${LOOPS:-service,unsloth,hf} --batch 4 --seq 1024 --rank 16 --steps ${STEPS:-6} --warmup ${WARMUP:-2} \
   --profile-steps ${PROFILE_STEPS:-0}
 cp "$RUN/train/"*.json "$RUN/train/"*.txt "$RUN/" 2>/dev/null
 tail -n 40 "$RUN/pytest.log" 2>/dev/null
