@@ -188,6 +188,47 @@ def test_unsloth_job_trains_lora_on_attention_and_experts_only(gpu_adapters: dic
         assert expert_b and all(t.abs().max() > 0 for t in expert_b)
 
 
+def test_checkpoints_kept_on_the_gpu_train_exactly_as_offloaded_ones(
+    tmp_path: Path, models_dir: Path, mini_model: Path
+) -> None:
+    """``offload_checkpoints`` only moves where the checkpointed activations wait (CPU RAM for
+    Unsloth's "unsloth" mode, the GPU for standard checkpointing): the same rows in the same order
+    must give the same losses. max_seq_length 512: below it Unsloth uses standard checkpointing
+    whatever it is asked."""
+    from app.ml.trainer import TrainConfig, train
+    from tests.fixtures_inference import _task_rows
+    from tests.fixtures_ml import RecordingHooks
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _task_rows("capitals")))
+    losses = {}
+    for offload in (True, False):
+        cfg = TrainConfig(
+            base_model=str(mini_model),
+            backend="unsloth",
+            dataset=str(data),
+            max_steps=3,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=1,
+            warmup_steps=0,
+            learning_rate=5e-3,
+            max_seq_length=512,
+            shuffle=False,
+            offload_checkpoints=offload,
+        )
+        hooks = RecordingHooks()
+        train(
+            cfg,
+            work_dir=tmp_path / f"w{offload}",
+            output_dir=tmp_path / f"a{offload}",
+            hooks=hooks,
+            models_dir=models_dir,
+        )
+        losses[offload] = [loss for _, loss in hooks.losses]
+    assert len(losses[True]) == 3
+    assert losses[False] == pytest.approx(losses[True], rel=2e-3), losses
+
+
 def test_hot_loaded_adapter_reproduces_the_trained_model(
     tmp_path: Path, models_dir: Path, mini_model: Path
 ) -> None:

@@ -99,3 +99,12 @@ def test_mxfp4_checkpoints_load_dequantized_in_the_asked_dtype(models_dir: Path,
     assert kwargs["quantization_config"].dequantize is True and kwargs["dtype"] == torch.bfloat16
     plain = hf_load_kwargs(str(ensure_tiny_model(models_dir)), load_in_4bit=False)
     assert "quantization_config" not in plain and plain["attn_implementation"] == "eager"
+
+
+def test_unsloth_checkpointing_modes() -> None:
+    """TrainConfig's gradient_checkpointing + offload_checkpoints -> Unsloth's use_gradient_checkpointing."""
+    from app.ml.modeling import unsloth_checkpointing
+
+    assert unsloth_checkpointing(True, offload=True) == "unsloth"  # activations wait in CPU RAM
+    assert unsloth_checkpointing(True, offload=False) is True  # standard checkpointing, on the GPU
+    assert unsloth_checkpointing(False, offload=True) is False

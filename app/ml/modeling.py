@@ -231,12 +231,28 @@ def import_unsloth_first() -> None:
         import unsloth  # noqa: F401
 
 
-def _load_unsloth(path: str, *, load_in_4bit: bool, max_seq_length: int) -> tuple[Any, Any]:
+def unsloth_checkpointing(enabled: bool, offload: bool) -> bool | str:
+    """Unsloth's ``use_gradient_checkpointing``: "unsloth" keeps the checkpointed activations in CPU
+    RAM between forward and backward (least GPU memory, more host work per layer), True keeps them
+    on the GPU (standard checkpointing), False checkpoints nothing."""
+    if not enabled:
+        return False
+    return "unsloth" if offload else True
+
+
+def _load_unsloth(
+    path: str, *, load_in_4bit: bool, max_seq_length: int, checkpointing: bool | str = "unsloth"
+) -> tuple[Any, Any]:
     from unsloth import FastLanguageModel
 
-    # dtype=None lets Unsloth pick bf16/fp16 for the GPU.
+    # dtype=None lets Unsloth pick bf16/fp16 for the GPU. The checkpointing mode is set at load too:
+    # from_pretrained installs (or removes) Unsloth's offloading checkpoint function.
     model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=path, max_seq_length=max_seq_length, load_in_4bit=load_in_4bit, dtype=None
+        model_name=path,
+        max_seq_length=max_seq_length,
+        load_in_4bit=load_in_4bit,
+        dtype=None,
+        use_gradient_checkpointing=checkpointing,
     )
     return model, tokenizer
 
@@ -307,14 +323,18 @@ def load_base(
     max_seq_length: int = 2048,
     models_dir: Path,
     for_training: bool,
+    checkpointing: bool | str = "unsloth",
 ) -> LoadedBase:
-    """Load a base model and its tokenizer on the chosen backend."""
+    """Load a base model and its tokenizer on the chosen backend (``checkpointing``: Unsloth's
+    gradient-checkpointing mode, see ``unsloth_checkpointing``; the unsloth backend only)."""
     from app.ml.tokenizer import load_tokenizer
 
     chosen = pick_backend(backend)
     path = resolve_model_path(model_id, models_dir)
     if chosen == "unsloth":
-        model, _ = _load_unsloth(path, load_in_4bit=load_in_4bit, max_seq_length=max_seq_length)
+        model, _ = _load_unsloth(
+            path, load_in_4bit=load_in_4bit, max_seq_length=max_seq_length, checkpointing=checkpointing
+        )
     else:
         model = load_hf_model(path, load_in_4bit=load_in_4bit)
     if not for_training:
@@ -333,8 +353,10 @@ def apply_lora(
     target_parameters: list[str],
     seed: int,
     gradient_checkpointing: bool,
+    offload_checkpoints: bool = True,
 ) -> Any:
-    """Wrap the base in a trainable LoRA PeftModel on its backend."""
+    """Wrap the base in a trainable LoRA PeftModel on its backend (``offload_checkpoints``: the
+    unsloth backend's checkpointing mode, see ``unsloth_checkpointing``)."""
     if loaded.backend == "unsloth":
         from unsloth import FastLanguageModel
 
@@ -346,7 +368,7 @@ def apply_lora(
             lora_dropout=dropout,
             target_modules=modules,
             bias="none",
-            use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
+            use_gradient_checkpointing=unsloth_checkpointing(gradient_checkpointing, offload_checkpoints),
             random_state=seed,
         )
     from peft import LoraConfig, get_peft_model

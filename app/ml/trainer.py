@@ -36,6 +36,7 @@ from app.ml.modeling import (
     keep_packed_samples_apart,
     load_base,
     pick_backend,
+    unsloth_checkpointing,
 )
 from app.ml.tokenizer import ensure_harmony_assets
 
@@ -119,6 +120,11 @@ class TrainConfig(BaseModel):
         "auto", description="'auto' = adamw_8bit on CUDA with bitsandbytes, else adamw_torch"
     )
     gradient_checkpointing: bool = Field(True, description="trade compute for memory (CUDA only)")
+    offload_checkpoints: bool = Field(
+        True,
+        description="unsloth backend: checkpointed activations wait in CPU RAM (Unsloth's 'unsloth' "
+        "mode, least GPU memory); false keeps them on the GPU (less host work per step)",
+    )
     seed: int = Field(3407, ge=0, le=2**32 - 1, description="seed for LoRA init, data order and dropout")
     shuffle: bool = Field(True, description="shuffle rows every epoch (seeded); false = file order")
     save_steps: int = Field(10, ge=1, le=100_000, description="checkpoint every N steps")
@@ -617,6 +623,7 @@ def train(
         max_seq_length=cfg.max_seq_length,
         models_dir=models_dir,
         for_training=True,
+        checkpointing=unsloth_checkpointing(cfg.gradient_checkpointing, cfg.offload_checkpoints),
     )
     hooks.on_log(f"base {loaded.model_id} loaded with backend {loaded.backend}")
     model = apply_lora(
@@ -628,6 +635,7 @@ def train(
         target_parameters=cfg.target_parameters,
         seed=cfg.seed,
         gradient_checkpointing=cfg.gradient_checkpointing,
+        offload_checkpoints=cfg.offload_checkpoints,
     )
     if cfg.packing:
         keep_packed_samples_apart(model)
