@@ -62,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="after the timed steps, this many more under torch.profiler -> <out>/profile_<loop>.txt",
     )
+    p.add_argument(
+        "--profile-stacks",
+        action="store_true",
+        help="record Python stacks in the profiled steps and list where host->device copies are made",
+    )
     p.add_argument("--four-bit", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument(
         "--optim",
@@ -81,8 +86,14 @@ class StepClock:
     count in tokens/s) and the busiest operators are written to ``profile_path``."""
 
     def __init__(
-        self, warmup: int, steps: int, profile_steps: int = 0, profile_path: Path | None = None
+        self,
+        warmup: int,
+        steps: int,
+        profile_steps: int = 0,
+        profile_path: Path | None = None,
+        stacks: bool = False,
     ) -> None:
+        self.stacks = stacks
         self.warmup = warmup
         self.steps = steps
         self.profile_steps = profile_steps
@@ -119,7 +130,11 @@ class StepClock:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        self._profiler = torch.profiler.profile(activities=activities)
+        # verbose=True: without it this torch records no Python frames for with_stack
+        config = torch._C._profiler._ExperimentalConfig(verbose=True) if self.stacks else None
+        self._profiler = torch.profiler.profile(
+            activities=activities, with_stack=self.stacks, experimental_config=config
+        )
         self._profiler.start()
 
     def _stop_profiler(self) -> None:
@@ -149,6 +164,13 @@ class StepClock:
         ]
         for key in sorts:
             text += [f"\n== by {key}", averages.table(sort_by=key, row_limit=30, max_name_column_width=60)]
+        if self.stacks:
+            text += ["\n== call sites of copies and syncs (by count)"]
+            watched = ("cudaMemcpyAsync", "aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize")
+            by_stack = [e for e in self._profiler.key_averages(group_by_stack_n=12) if e.key in watched]
+            for e in sorted(by_stack, key=lambda e: -e.count)[:12]:
+                text += [f"{e.key} x{e.count} (self CPU {e.self_cpu_time_total / 1e3:.1f} ms)"]
+                text += [f"    {frame}" for frame in e.stack]
         if self.profile_path is not None:
             self.profile_path.parent.mkdir(parents=True, exist_ok=True)
             self.profile_path.write_text("\n".join(text))
@@ -174,7 +196,7 @@ class StepClock:
 
 def make_clock(args: argparse.Namespace) -> StepClock:
     path = args.out / f"profile_{args.one}.txt" if args.profile_steps else None
-    return StepClock(args.warmup, args.steps, args.profile_steps, path)
+    return StepClock(args.warmup, args.steps, args.profile_steps, path, stacks=args.profile_stacks)
 
 
 # --- the bare loops ---------------------------------------------------------------------------------

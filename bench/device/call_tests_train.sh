@@ -9,13 +9,14 @@ export GIT_REV GPTOSS_TEST_CACHE=/tmp/gptoss-test-cache
 ( [ -f "$FULL/config.json" ] || python3 scripts/make_full_model.py --out "$FULL" --models_dir "$GPU_MODELS" ) > "$RUN/build.log" 2>&1 &
 build=$!
 { header; echo; } > "$RUN/gpu-tests.txt"
+{ lscpu | head -20; cat /proc/loadavg; nvidia-smi topo -m; } > "$RUN/host.txt" 2>&1
 [ "${PYTEST:-1}" = 1 ] && stage pytest ${PYTEST_S:-300} python3 -m bench.pytest_gpu -m gpu tests/test_gpu.py -v -rA --durations=0 -p no:cacheprovider
 grep -v "DEBUG\|torch.__trace" "$RUN/pytest.log" >> "$RUN/gpu-tests.txt" 2>/dev/null
 wait $build; echo "build rc=$? at ${SECONDS}s" >> "$RUN/stages.txt"
 du -sh "$FULL" >> "$RUN/stages.txt"
 stage train 600 python3 -m bench.train_bench --model "$FULL" --models-dir "$GPU_MODELS" --out "$RUN/train" \
   --loops ${LOOPS:-service,unsloth,hf} --batch 4 --seq 1024 --rank 16 --steps ${STEPS:-6} --warmup ${WARMUP:-2} \
-  --profile-steps ${PROFILE_STEPS:-0}
+  --profile-steps ${PROFILE_STEPS:-0} ${PROFILE_STACKS:+--profile-stacks}
 cp "$RUN/train/"*.json "$RUN/train/"*.txt "$RUN/" 2>/dev/null
 tail -n 40 "$RUN/pytest.log" 2>/dev/null
 tail -c 2500 "$RUN/train.log"

@@ -20,7 +20,10 @@ header() {  # date, revision, GPU and library versions: the first lines of every
   nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
 }
 finish() {
-  cp "$RUN"/*.json "$RUN"/*.txt "$OUT"/ 2>/dev/null
+  # The tool returns at most 8 files: the summaries, and everything else inside the tarball.
+  for f in stages.txt gpu-tests.txt train_bench.json e2e.json gen_bench.json gen_baseline.json; do
+    [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/"
+  done
   tar czf "$OUT/run-$CALL.tgz" --exclude='*.safetensors' --exclude='*.jsonl' --exclude='*.pt' --exclude='*.bin' \
     --exclude='tokenizer.json' --exclude='checkpoint-*' --exclude='data' -C "$RUN" . 2>/dev/null
   ls -la "$OUT"; cat "$RUN/stages.txt"
