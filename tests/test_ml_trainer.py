@@ -287,6 +287,60 @@ def _unpadded(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
     return [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
 
 
+def test_moe_aux_loss_is_off_by_default_and_the_same_on_both_loss_paths(
+    models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TRL 1.15 turns gpt-oss's load-balancing loss on from the config (router_aux_loss_coef): on the
+    H200 that was a GPU sync per layer in the service's step, which a bare Unsloth loop does not pay.
+    The service leaves it off unless moe_aux_loss is set; then the CPU path adds it as the model's
+    own forward does. A copy of the tiny model with coefficient 0.5 makes the term visible."""
+    import app.ml.trainer as trainer_module
+
+    base = tmp_path / "tiny-aux"
+    shutil.copytree(models_dir / "tiny-gpt-oss", base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "router_aux_loss_coef": 0.5}))
+    overrides = {"base_model": str(base), "max_steps": 2, "per_device_train_batch_size": 4, "shuffle": False}
+    first_loss = {}
+    for path, aux in [("masked", False), ("masked", True), ("model", True)]:
+        monkeypatch.setattr(trainer_module, "loss_path", lambda backend, on_cuda, path=path: path)
+        hooks = RecordingHooks()
+        cfg = TrainConfig(**{**_fixture_cfg(), **overrides, "moe_aux_loss": aux})
+        train(
+            cfg,
+            work_dir=tmp_path / f"{path}{aux}",
+            output_dir=tmp_path / f"a{path}{aux}",
+            hooks=hooks,
+            models_dir=models_dir,
+        )
+        first_loss[path, aux] = hooks.losses[0][1]
+    assert first_loss["masked", True] == pytest.approx(first_loss["model", True], rel=1e-4)
+    # the same weights at step 1: the difference is 0.5 x the load-balancing loss (>= 1 by its definition)
+    assert first_loss["masked", True] - first_loss["masked", False] > 0.4, first_loss
+
+
+def test_the_default_job_trains_without_router_logits(models_dir: Path, tmp_path: Path) -> None:
+    from app.ml.modeling import apply_lora
+    from app.ml.trainer import build_trainer, prepare_data
+
+    loaded = load_base("tiny-gpt-oss", backend="hf", models_dir=models_dir, for_training=True)
+    loaded.model.config.output_router_logits = True  # as a config asking for it would load
+    cfg = TrainConfig(**_fixture_cfg())
+    model = apply_lora(
+        loaded,
+        r=cfg.lora_r,
+        alpha=cfg.lora_alpha,
+        dropout=0.0,
+        target_modules=cfg.target_modules,
+        target_parameters=cfg.target_parameters,
+        seed=cfg.seed,
+        gradient_checkpointing=False,
+    )
+    trainer = build_trainer(cfg, model, loaded, prepare_data(cfg, None), tmp_path)
+    assert trainer.aux_loss_enabled is False
+    assert model.config.get_text_config().output_router_logits is False
+
+
 def test_loss_path_per_backend() -> None:
     from app.ml.trainer import loss_path
 

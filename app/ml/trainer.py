@@ -120,6 +120,11 @@ class TrainConfig(BaseModel):
         "auto", description="'auto' = adamw_8bit on CUDA with bitsandbytes, else adamw_torch"
     )
     gradient_checkpointing: bool = Field(True, description="trade compute for memory (CUDA only)")
+    moe_aux_loss: bool = Field(
+        False,
+        description="add the MoE load-balancing loss at the base config's router_aux_loss_coef; off: LoRA "
+        "leaves the routers frozen, and on gpt-oss the loss costs a GPU sync per layer",
+    )
     offload_checkpoints: bool = Field(
         True,
         description="unsloth backend: checkpointed activations wait in CPU RAM (Unsloth's 'unsloth' "
@@ -255,13 +260,18 @@ def _masked_lm_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any)
     labels = inputs["labels"][:, 1:]
     keep = (labels != -100).any(dim=0).nonzero().squeeze(-1)
     forward = {k: v for k, v in inputs.items() if k != "labels"}
-    logits = model(**forward, logits_to_keep=keep, use_cache=False).logits
+    outputs = model(**forward, logits_to_keep=keep, use_cache=False)
+    logits = outputs.logits
     targets = labels[:, keep]
     loss = F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
     )
     count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
-    return loss / torch.as_tensor(count).clamp(min=1)  # a batch without labels gives 0, not 0/0
+    loss = loss / torch.as_tensor(count).clamp(min=1)  # a batch without labels gives 0, not 0/0
+    aux = getattr(outputs, "aux_loss", None)
+    if aux is not None:  # moe_aux_loss: as the model's own forward adds it when given labels
+        loss = loss + model.config.get_text_config().router_aux_loss_coef * aux.to(loss.device)
+    return loss
 
 
 LossPath = Literal["model", "trl", "masked"]
@@ -439,6 +449,8 @@ def _sft_config(cfg: TrainConfig, checkpoints: Path, has_eval: bool) -> Any:
         max_length=cfg.max_seq_length,
         packing=cfg.packing,
         completion_only_loss=True,
+        # None = the base config's coefficient; TRL sets config.output_router_logits to match (0 -> off)
+        router_aux_loss_coef=None if cfg.moe_aux_loss else 0.0,
         bf16=cuda_available(),
         report_to=[],
         disable_tqdm=True,
