@@ -2,7 +2,8 @@
 attention and experts, adapter hot-load and switch, and mixed-adapter traffic, through the project's
 own code on a small random GPT-OSS (4 layers sliding/full, sinks, 8 experts top-4, the real 201,088
 vocabulary; bench/models.py). The full-size 20B path is proven by the end-to-end service run
-(bench/gpu_e2e.py). The H200 run's output is kept in bench/results/gpu-tests-<date>.txt.
+(bench/gpu_e2e.py). The H200 runs' output is kept under bench/results/ (latest:
+2026-11-28-h200-session3/call3/gpu-tests.txt, 10 of 10 passed).
 
 The adapters are trained by `app.ml.trainer.train` exactly as a worker job does, on the inference
 tests' two tasks (the same French question answered "Paris." or "Europe."), so each adapter's own
