@@ -248,7 +248,9 @@ def make_optimizer(params: list[Any], args: argparse.Namespace) -> Any:
 def load_unsloth(args: argparse.Namespace, path: str) -> Any:
     from unsloth import FastLanguageModel
 
-    checkpointing = True if args.one == "unsloth-gpu-gc" else "unsloth"
+    from app.ml.modeling import UNSLOTH_EXPERT_MODULES, unsloth_checkpointing
+
+    checkpointing = unsloth_checkpointing(True, offload=args.one != "unsloth-gpu-gc")
     model, _tok = FastLanguageModel.from_pretrained(
         model_name=path,
         max_seq_length=args.seq,
@@ -257,8 +259,6 @@ def load_unsloth(args: argparse.Namespace, path: str) -> Any:
         use_gradient_checkpointing=checkpointing,
     )
     # Unsloth maps these MoE names onto the 3-D expert parameters (as the service's apply_lora does).
-    from app.ml.modeling import UNSLOTH_EXPERT_MODULES
-
     return FastLanguageModel.get_peft_model(
         model,
         r=args.rank,

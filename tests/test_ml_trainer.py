@@ -256,24 +256,14 @@ def test_model_loss_path_matches_the_masked_path(
 def test_shuffle_false_trains_the_rows_in_file_order(models_dir: Path, tmp_path: Path) -> None:
     """The batches the trainer feeds: in file order with shuffle=false (the training benchmark relies
     on it to give the service and a bare loop the same batches), in a seeded other order by default."""
-    from app.ml.modeling import apply_lora
-    from app.ml.trainer import build_trainer, prepare_data
+    from app.ml.trainer import build_trainer, lora_model, prepare_data
 
     loaded = load_base("tiny-gpt-oss", backend="hf", models_dir=models_dir, for_training=True)
     seen = {}
     for shuffle in (False, True):
         cfg = TrainConfig(**{**_fixture_cfg(), "per_device_train_batch_size": 4, "shuffle": shuffle})
         data = prepare_data(cfg, None)
-        model = apply_lora(
-            loaded,
-            r=cfg.lora_r,
-            alpha=cfg.lora_alpha,
-            dropout=0.0,
-            target_modules=cfg.target_modules,
-            target_parameters=cfg.target_parameters,
-            seed=cfg.seed,
-            gradient_checkpointing=False,
-        )
+        model = lora_model(cfg, loaded)
         trainer = build_trainer(cfg, model, loaded, data, tmp_path / str(shuffle))
         batches = list(trainer.get_train_dataloader())
         seen[shuffle] = [row for b in batches for row in _unpadded(b["input_ids"], b["attention_mask"])]
@@ -320,22 +310,12 @@ def test_moe_aux_loss_is_off_by_default_and_the_same_on_both_loss_paths(
 
 
 def test_the_default_job_trains_without_router_logits(models_dir: Path, tmp_path: Path) -> None:
-    from app.ml.modeling import apply_lora
-    from app.ml.trainer import build_trainer, prepare_data
+    from app.ml.trainer import build_trainer, lora_model, prepare_data
 
     loaded = load_base("tiny-gpt-oss", backend="hf", models_dir=models_dir, for_training=True)
     loaded.model.config.output_router_logits = True  # as a config asking for it would load
     cfg = TrainConfig(**_fixture_cfg())
-    model = apply_lora(
-        loaded,
-        r=cfg.lora_r,
-        alpha=cfg.lora_alpha,
-        dropout=0.0,
-        target_modules=cfg.target_modules,
-        target_parameters=cfg.target_parameters,
-        seed=cfg.seed,
-        gradient_checkpointing=False,
-    )
+    model = lora_model(cfg, loaded)
     trainer = build_trainer(cfg, model, loaded, prepare_data(cfg, None), tmp_path)
     assert trainer.aux_loss_enabled is False
     assert model.config.get_text_config().output_router_logits is False

@@ -586,6 +586,21 @@ def check_packing(cfg: TrainConfig, backend: str) -> None:
         )
 
 
+def lora_model(cfg: TrainConfig, loaded: Any) -> Any:
+    """The loaded base wrapped in the job's trainable LoRA (``apply_lora`` with the config's fields)."""
+    return apply_lora(
+        loaded,
+        r=cfg.lora_r,
+        alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        target_parameters=cfg.target_parameters,
+        seed=cfg.seed,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        offload_checkpoints=cfg.offload_checkpoints,
+    )
+
+
 def build_trainer(cfg: TrainConfig, model: Any, loaded: Any, data: PreparedData, work_dir: Path) -> Any:
     """The project's SFTTrainer for a LoRA model, with its loss path (and, on the ``model`` path,
     the collator that drops all-ones attention masks)."""
@@ -638,17 +653,7 @@ def train(
         checkpointing=unsloth_checkpointing(cfg.gradient_checkpointing, cfg.offload_checkpoints),
     )
     hooks.on_log(f"base {loaded.model_id} loaded with backend {loaded.backend}")
-    model = apply_lora(
-        loaded,
-        r=cfg.lora_r,
-        alpha=cfg.lora_alpha,
-        dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules,
-        target_parameters=cfg.target_parameters,
-        seed=cfg.seed,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        offload_checkpoints=cfg.offload_checkpoints,
-    )
+    model = lora_model(cfg, loaded)
     if cfg.packing:
         keep_packed_samples_apart(model)
     trainer = build_trainer(cfg, model, loaded, data, work_dir)
