@@ -12,11 +12,17 @@
   (activations kept on the GPU: `offload_checkpoints=false`, Unsloth's `use_gradient_checkpointing=True`)
   instead of Unsloth's offloading "unsloth" mode.
 - hf: a bare loop on transformers + PEFT in bf16, experts reached via `target_parameters`.
+- interleaved: the service's job and the bare Unsloth loop in one process, one step each in turn
+  (the bare step runs from the service's per-step hook, on its own model), so whatever slows the
+  host at a given moment slows both loops alike. Tokens/s only: both models share the process, so
+  its peak memory is the two together (peak memory per loop comes from the separate runs). On a
+  machine without CUDA the bare loop is the transformers + PEFT one (Unsloth needs CUDA).
 
-Each loop runs in its own process (Unsloth patches transformers on import, and peak memory must be
-per loop), on the same rows rendered by the project's harmony code, all exactly `--seq` tokens long,
-in the same batches and order (the service's job runs with shuffle=false), so step n of one loop and
-step n of another do the same work and can be compared step by step.
+Each loop but `interleaved` runs in its own process (Unsloth patches transformers on import, and
+peak memory must be per loop). All train the same rows rendered by the project's harmony code, all
+exactly `--seq` tokens long, in the same batches and order (the service's job runs with
+shuffle=false), so step n of one loop and step n of another do the same work and can be compared
+step by step.
 Tokens/s = batch x seq / step time, mean over `--steps` steps after `--warmup` steps; peak memory is
 `torch.cuda.max_memory_allocated` over the timed steps and over the whole process (load included).
 """
@@ -29,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +43,8 @@ from bench.common import PrintingHooks, peak_gib, read_json, reset_peak, run_hea
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-LOOPS = ("service", "unsloth", "unsloth-amp", "service-gpu-gc", "unsloth-gpu-gc", "hf")
+LOOPS = ("service", "unsloth", "unsloth-amp", "service-gpu-gc", "unsloth-gpu-gc", "hf", "interleaved")
+PAIRED = ("service", "unsloth")  # the loops of `interleaved`, in the order each round runs them
 # The service's defaults (TrainConfig), used by all three loops.
 WEIGHT_DECAY = 0.01
 MAX_GRAD_NORM = 1.0
@@ -103,6 +111,8 @@ class StepClock:
         self.train_peak_gib: float | None = None
         self._profiler: Any = None
         self.profiled: dict[str, float] | None = None  # wall and GPU-kernel seconds of the profiled steps
+        self._host_start: dict[str, float] | None = None
+        self.host: dict[str, float] | None = None  # what the host did over the timed steps
 
     @property
     def total_steps(self) -> int:
@@ -117,8 +127,11 @@ class StepClock:
         if done == self.warmup:
             self.peak_before_gib = peak_gib()
             reset_peak()  # the timed steps' own peak, without load-time spikes
+            self._host_start = host_counters()
         if done == self.warmup + self.steps:
             self.train_peak_gib = peak_gib()
+            if self._host_start is not None:
+                self.host = host_usage(self._host_start, host_counters(), self.steps)
             if self.profile_steps:
                 self._start_profiler()
         if self._profiler is not None and done == self.total_steps:
@@ -191,7 +204,48 @@ class StepClock:
             "peak_gib_train": train_peak,
             "peak_gib_process": max(self.peak_before_gib or 0, train_peak or 0) or None,
             "profiled": self.profiled,
+            "host": self.host,
         }
+
+
+def host_counters() -> dict[str, float]:
+    """This process's CPU seconds and involuntary context switches, and the machine's CPU time
+    split (/proc/stat, in clock ticks) where Linux has it: 'steal' is time the hypervisor gave this
+    guest's CPUs to someone else, the usual reason a host-bound loop slows down from run to run."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    counters = {
+        "process_cpu_s": usage.ru_utime + usage.ru_stime,
+        "involuntary_switches": float(usage.ru_nivcsw),
+        "wall_s": time.perf_counter(),
+    }
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return counters
+    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    counters.update({f"ticks_{n}": float(v) for n, v in zip(names, fields, strict=False)})
+    return counters
+
+
+def host_usage(start: dict[str, float], end: dict[str, float], steps: int) -> dict[str, float]:
+    """Per timed step: process CPU seconds and involuntary switches; over the span: the machine's
+    steal share of all CPU ticks."""
+    wall = end["wall_s"] - start["wall_s"]
+    out = {
+        "process_cpu_s_per_step": round((end["process_cpu_s"] - start["process_cpu_s"]) / steps, 4),
+        "involuntary_switches_per_step": round(
+            (end["involuntary_switches"] - start["involuntary_switches"]) / steps, 1
+        ),
+        "wall_s": round(wall, 3),
+    }
+    ticks = {k: end[k] - start[k] for k in end if k.startswith("ticks_") and k in start}
+    total = sum(ticks.values())
+    if total > 0:
+        out["machine_steal_share"] = round(ticks["ticks_steal"] / total, 4)
+        out["machine_busy_share"] = round(1 - (ticks["ticks_idle"] + ticks.get("ticks_iowait", 0)) / total, 4)
+    return out
 
 
 def make_clock(args: argparse.Namespace) -> StepClock:
@@ -215,22 +269,28 @@ def _batches(rows: list[tuple[list[int], list[int]]], batch: int, count: int) ->
     return out
 
 
-def bare_loop(model: Any, args: argparse.Namespace, rows: list[tuple[list[int], list[int]]]) -> StepClock:
+def bare_steps(model: Any, args: argparse.Namespace, batches: list[tuple[Any, Any]]) -> Iterator[None]:
+    """The bare loop, one optimizer step per ``next()``."""
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, args)
-    clock = make_clock(args)
     device = next(p.device for p in params)
     model.train()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.one == "unsloth-amp")
-    for ids, labels in _batches(rows, args.batch, clock.total_steps):
+    for ids, labels in batches:
         with autocast:
             out = model(input_ids=ids.to(device), labels=labels.to(device))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        yield
+
+
+def bare_loop(model: Any, args: argparse.Namespace, rows: list[tuple[list[int], list[int]]]) -> StepClock:
+    clock = make_clock(args)
+    for _ in bare_steps(model, args, _batches(rows, args.batch, clock.total_steps)):
         clock.tick()
     return clock
 
@@ -275,7 +335,8 @@ def load_hf(args: argparse.Namespace, path: str) -> Any:
     from transformers import AutoModelForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # as the service's hf backend on CPU
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     cfg = LoraConfig(
@@ -305,6 +366,60 @@ def run_service(args: argparse.Namespace, rows_jsonl: Path, work: Path) -> StepC
     cfg = TrainConfig(**service_config(args, rows_jsonl))
     train(cfg, work_dir=work / "job", output_dir=work / "adapter", hooks=Hooks(), models_dir=args.models_dir)
     return clock
+
+
+def run_interleaved(
+    args: argparse.Namespace, rows: list[tuple[list[int], list[int]]], rows_jsonl: Path, work: Path, path: str
+) -> dict[str, dict[str, Any]]:
+    """The service's job with the bare loop stepping from its per-step hook: service step n, bare
+    step n, service step n + 1, ... A service step counts from the end of the previous bare step
+    (or the start of training) to the service's hook; a bare step from that hook to its own end,
+    both after a device sync."""
+    from app.ml.trainer import TrainConfig, train
+    from bench.common import cuda_sync
+
+    bare = (load_unsloth if _cuda() else load_hf)(args, path)
+    total = args.warmup + args.steps
+    stepper = bare_steps(bare, args, _batches(rows, args.batch, total))
+    step_s: dict[str, list[float]] = {loop: [] for loop in PAIRED}
+    marks: dict[str, Any] = {}
+
+    def now() -> float:
+        cuda_sync()
+        return time.perf_counter()
+
+    class Hooks(PrintingHooks):
+        def on_start(self, total_steps: int) -> None:
+            marks["last"] = now()
+
+        def on_step(self, metrics: dict[str, Any]) -> None:
+            service_end = now()
+            step_s["service"].append(service_end - marks["last"])
+            if len(step_s["service"]) == args.warmup:
+                reset_peak()
+                marks["host"] = host_counters()
+            next(stepper)
+            marks["last"] = now()
+            step_s["unsloth"].append(marks["last"] - service_end)
+            if len(step_s["unsloth"]) == total:
+                marks["host"] = host_usage(marks["host"], host_counters(), 2 * args.steps)
+
+    cfg = TrainConfig(**{**service_config(args, rows_jsonl), "max_steps": total})
+    train(cfg, work_dir=work / "job", output_dir=work / "adapter", hooks=Hooks(), models_dir=args.models_dir)
+    tokens_per_step = args.batch * args.seq
+    out = {}
+    for loop, each in step_s.items():
+        timed = each[args.warmup :]
+        stats = summarize(timed)
+        out[loop] = {
+            "steps_timed": len(timed),
+            "step_s": stats,
+            "step_s_each": timed,
+            "tokens_per_step": tokens_per_step,
+            "tokens_per_s": tokens_per_step / stats["mean"] if timed else None,
+        }
+    out["both"] = {"peak_gib_train_both_models": peak_gib(), "host": marks.get("host")}
+    return out
 
 
 def service_config(args: argparse.Namespace, rows_jsonl: Path) -> dict[str, Any]:
@@ -354,6 +469,11 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     path = resolve_model_path(args.model, args.models_dir)
     reset_peak()
     t0 = time.perf_counter()
+    if args.one == "interleaved":
+        work = args.out / "service-work"
+        shutil.rmtree(work, ignore_errors=True)
+        pair = run_interleaved(args, rendered, write_jsonl(rows, work / "rows.jsonl"), work, path)
+        return {"loop": "interleaved", "pair": pair, "total_s": time.perf_counter() - t0}
     if args.one in ("service", "service-gpu-gc"):
         work = args.out / "service-work"
         shutil.rmtree(work, ignore_errors=True)  # a rerun must train, not resume the last run's checkpoint
@@ -380,7 +500,11 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
         print(f"== run {i + 1}: {loop}: {' '.join(cmd)}", flush=True)
         rc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False).returncode
         result = read_json(out) if out.exists() and rc == 0 else {"loop": loop, "error": f"exit {rc}"}
-        runs.append({**result, "run": i + 1})
+        if "pair" in result:  # one record per loop of the pair, named interleaved:<loop>
+            both = result["pair"].get("both", {})
+            runs += [{**result["pair"][p], **both, "loop": f"interleaved:{p}", "run": i + 1} for p in PAIRED]
+        else:
+            runs.append({**result, "run": i + 1})
         if out.exists():
             out.rename(args.out / f"train_{i + 1}_{loop}.json")
         profile = args.out / f"profile_{loop}.txt"
@@ -395,7 +519,8 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
         "config": _config(args),
         "order": args.loops.split(","),
         "runs": [
-            {k: r.get(k) for k in ("run", "loop", "tokens_per_s", "peak_gib_process", "error")} for r in runs
+            {k: r.get(k) for k in ("run", "loop", "tokens_per_s", "peak_gib_process", "host", "error")}
+            for r in runs
         ],
         "loops": results,
         "ratios": ratios(results),
@@ -482,25 +607,35 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
         ),
         "service_over_hf_peak": div(get("service", "peak_gib_process"), get("hf", "peak_gib_process")),
         "unsloth_over_hf_tokens": div(get("unsloth", "tokens_per_s"), get("hf", "tokens_per_s")),
+        "interleaved_service_over_unsloth_tokens": div(
+            get("interleaved:service", "tokens_per_s"), get("interleaved:unsloth", "tokens_per_s")
+        ),
+        "interleaved_service_over_unsloth_paired_steps": paired_step_ratio(
+            results, "interleaved:unsloth", "interleaved:service"
+        ),
+        "interleaved_service_over_hf_tokens": div(
+            get("interleaved:service", "tokens_per_s"), get("hf", "tokens_per_s")
+        ),
     }
 
 
 def print_table(summary: dict[str, Any]) -> None:
-    print(f"{'run':<5}{'loop':<12}{'tokens/s':>11}{'peak GiB (all)':>16}")
+    print(f"{'run':<5}{'loop':<20}{'tokens/s':>11}{'peak GiB (all)':>16}")
     for r in summary["runs"]:
         if r.get("error"):
-            print(f"{r['run']:<5}{r['loop']:<12} {r['error']}")
+            print(f"{r['run']:<5}{r['loop']:<20} {r['error']}")
             continue
-        print(f"{r['run']:<5}{r['loop']:<12}{r['tokens_per_s']:>11.1f}{r['peak_gib_process'] or 0:>16.2f}")
+        peak = r.get("peak_gib_process") or 0
+        print(f"{r['run']:<5}{r['loop']:<20}{r['tokens_per_s']:>11.1f}{peak:>16.2f}")
     print(
-        f"{'mean':<5}{'loop':<12}{'tokens/s':>11}{'step s':>9}{'peak GiB (train)':>18}{'peak GiB (all)':>16}"
+        f"{'mean':<5}{'loop':<20}{'tokens/s':>11}{'step s':>9}{'peak GiB (train)':>18}{'peak GiB (all)':>16}"
     )
     for loop, r in summary["loops"].items():
         if "error" in r:
-            print(f"{'':<5}{loop:<12} {r['error']}")
+            print(f"{'':<5}{loop:<20} {r['error']}")
             continue
         print(
-            f"{'':<5}{loop:<12}{r['tokens_per_s']:>11.1f}{r['step_s']['mean']:>9.3f}"
+            f"{'':<5}{loop:<20}{r['tokens_per_s']:>11.1f}{r['step_s']['mean']:>9.3f}"
             f"{r['peak_gib_train'] or 0:>18.2f}{r['peak_gib_process'] or 0:>16.2f}"
         )
     print("ratios:", summary["ratios"])

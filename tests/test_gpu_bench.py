@@ -94,6 +94,48 @@ def test_train_bench_repeats_a_loop_and_profiles_after_the_timed_steps(
     ]
 
 
+@pytest.mark.slow
+def test_train_bench_interleaves_the_service_job_with_the_bare_loop(models_dir: Path, tmp_path: Path) -> None:
+    """`interleaved` runs the service's job and the bare loop in one process, a step of each in turn
+    (on CPU the bare loop is transformers + PEFT: Unsloth needs CUDA). Each loop gets its own timed
+    steps, and the ratio is taken from them."""
+    import json
+
+    _bench(
+        "bench.train_bench",
+        *("--model", "tiny-gpt-oss", "--models-dir", str(models_dir), "--out", str(tmp_path)),
+        *("--loops", "interleaved", "--batch", "2", "--seq", "128", "--steps", "3", "--warmup", "1"),
+    )
+    summary = json.loads((tmp_path / "train_bench.json").read_text())
+    assert [(r["run"], r["loop"]) for r in summary["runs"]] == [
+        (1, "interleaved:service"),
+        (1, "interleaved:unsloth"),
+    ]
+    service, bare = summary["loops"]["interleaved:service"], summary["loops"]["interleaved:unsloth"]
+    assert service["steps_timed"] == bare["steps_timed"] == 3
+    assert all(s > 0 for s in service["step_s_each"] + bare["step_s_each"])
+    assert summary["ratios"]["interleaved_service_over_unsloth_tokens"] == pytest.approx(
+        service["tokens_per_s"] / bare["tokens_per_s"], rel=1e-3
+    )
+    host = summary["runs"][0]["host"]
+    assert host["process_cpu_s_per_step"] > 0 and 0 <= host["machine_steal_share"] <= 1
+    # the service's job really trained in that process: its adapter is there
+    assert (tmp_path / "service-work" / "adapter" / "adapter_config.json").exists()
+
+
+def test_host_usage_reports_cpu_per_step_and_the_steal_share() -> None:
+    from bench.train_bench import host_usage
+
+    start = {"process_cpu_s": 10.0, "involuntary_switches": 5.0, "wall_s": 100.0}
+    start |= {"ticks_user": 1000.0, "ticks_idle": 500.0, "ticks_iowait": 0.0, "ticks_steal": 0.0}
+    end = {"process_cpu_s": 14.0, "involuntary_switches": 25.0, "wall_s": 104.0}
+    end |= {"ticks_user": 1300.0, "ticks_idle": 550.0, "ticks_iowait": 0.0, "ticks_steal": 50.0}
+    usage = host_usage(start, end, steps=4)
+    assert usage["process_cpu_s_per_step"] == 1.0 and usage["involuntary_switches_per_step"] == 5.0
+    assert usage["machine_steal_share"] == pytest.approx(50 / 400)
+    assert usage["machine_busy_share"] == pytest.approx(1 - 50 / 400)
+
+
 def test_paired_step_ratio_compares_the_same_steps() -> None:
     """Step i of both loops trains the same batch: the ratio is the median of per-step ratios (each
     step averaged over a loop's runs), so one slow batch does not move it the way it moves a mean."""

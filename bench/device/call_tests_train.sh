@@ -2,7 +2,8 @@
 # GPU call: `pytest -m gpu` (skipped with PYTEST=0) while the full-size random gpt-oss-20b is built with
 # the project's command, then the training benchmark (loops in $LOOPS, default service,unsloth,hf; with
 # PROFILE_STEPS=n, n more steps per loop under torch.profiler -> profile_<run>_<loop>.txt; STEPS and
-# WARMUP set the timed and untimed steps, default 6 and 2).
+# WARMUP set the timed and untimed steps, default 6 and 2; LOOPS may name `interleaved`, the service's
+# job and the bare Unsloth loop stepping in turn in one process).
 CALL=tests-train; source bench/device/common.sh
 FULL=$GPU_MODELS/gpt-oss-20b-random
 export GIT_REV GPTOSS_TEST_CACHE=/tmp/gptoss-test-cache
@@ -13,6 +14,8 @@ build=$!
 [ "${PYTEST:-1}" = 1 ] && stage pytest ${PYTEST_S:-300} python3 -m bench.pytest_gpu -m gpu tests/test_gpu.py -v -rA --durations=0 -p no:cacheprovider
 grep -v "DEBUG\|torch.__trace" "$RUN/pytest.log" >> "$RUN/gpu-tests.txt" 2>/dev/null
 wait $build; echo "build rc=$? at ${SECONDS}s" >> "$RUN/stages.txt"
+# the build wrote 39 GB: flush it now so the kernel's writeback does not share the CPU with the timed steps
+timeout 90 sync; echo "sync done at ${SECONDS}s" >> "$RUN/stages.txt"
 du -sh "$FULL" >> "$RUN/stages.txt"
 stage train 600 python3 -m bench.train_bench --model "$FULL" --models-dir "$GPU_MODELS" --out "$RUN/train" \
   --loops ${LOOPS:-service,unsloth,hf} --batch 4 --seq 1024 --rank 16 --steps ${STEPS:-6} --warmup ${WARMUP:-2} \
