@@ -12,11 +12,15 @@
   (activations kept on the GPU: `offload_checkpoints=false`, Unsloth's `use_gradient_checkpointing=True`)
   instead of Unsloth's offloading "unsloth" mode.
 - hf: a bare loop on transformers + PEFT in bf16, experts reached via `target_parameters`.
-- interleaved: the service's job and the bare Unsloth loop in one process, one step each in turn
-  (the bare step runs from the service's per-step hook, on its own model), so whatever slows the
-  host at a given moment slows both loops alike. Tokens/s only: both models share the process, so
-  its peak memory is the two together (peak memory per loop comes from the separate runs). On a
-  machine without CUDA the bare loop is the transformers + PEFT one (Unsloth needs CUDA).
+- interleaved: the service's job and the bare loops named by `--interleave-with` (default: unsloth)
+  in one process, one step of each in turn (the bare steps run from the service's per-step hook,
+  each loop on its own model), so whatever slows the host at a given moment slows all of them
+  alike. Tokens/s only: the models share the process, so its peak memory is theirs together (peak
+  memory per loop comes from the separate runs). On a machine without CUDA the bare loops are
+  transformers + PEFT (Unsloth needs CUDA).
+- interleaved-gpu-gc: the same with standard checkpointing (the service's offload_checkpoints=false,
+  bare loop unsloth-gpu-gc). Unsloth's checkpointing mode is process-wide (it replaces
+  torch.utils.checkpoint's function), so the two modes cannot share one process.
 
 Each loop but `interleaved` runs in its own process (Unsloth patches transformers on import, and
 peak memory must be per loop). All train the same rows rendered by the project's harmony code, all
@@ -43,8 +47,8 @@ from bench.common import PrintingHooks, peak_gib, read_json, reset_peak, run_hea
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-LOOPS = ("service", "unsloth", "unsloth-amp", "service-gpu-gc", "unsloth-gpu-gc", "hf", "interleaved")
-PAIRED = ("service", "unsloth")  # the loops of `interleaved`, in the order each round runs them
+BARE = ("unsloth", "unsloth-amp", "unsloth-gpu-gc")
+LOOPS = ("service", *BARE, "service-gpu-gc", "hf", "interleaved", "interleaved-gpu-gc")
 # The service's defaults (TrainConfig), used by all three loops.
 WEIGHT_DECAY = 0.01
 MAX_GRAD_NORM = 1.0
@@ -57,6 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="folder for the JSON results")
     p.add_argument("--loops", default="service,unsloth,hf")
     p.add_argument("--one", choices=LOOPS, help=argparse.SUPPRESS)  # internal: run one loop here
+    p.add_argument(
+        "--interleave-with",
+        default="unsloth",
+        help=f"bare loops stepping after each service step in `interleaved` (of {', '.join(BARE[:2])})",
+    )
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--rank", type=int, default=16)
@@ -269,15 +278,17 @@ def _batches(rows: list[tuple[list[int], list[int]]], batch: int, count: int) ->
     return out
 
 
-def bare_steps(model: Any, args: argparse.Namespace, batches: list[tuple[Any, Any]]) -> Iterator[None]:
-    """The bare loop, one optimizer step per ``next()``."""
+def bare_steps(
+    model: Any, args: argparse.Namespace, batches: list[tuple[Any, Any]], loop: str
+) -> Iterator[None]:
+    """The bare loop, one optimizer step per ``next()`` (under bf16 autocast for unsloth-amp)."""
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, args)
     device = next(p.device for p in params)
     model.train()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.one == "unsloth-amp")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=loop == "unsloth-amp")
     for ids, labels in batches:
         with autocast:
             out = model(input_ids=ids.to(device), labels=labels.to(device))
@@ -290,7 +301,7 @@ def bare_steps(model: Any, args: argparse.Namespace, batches: list[tuple[Any, An
 
 def bare_loop(model: Any, args: argparse.Namespace, rows: list[tuple[list[int], list[int]]]) -> StepClock:
     clock = make_clock(args)
-    for _ in bare_steps(model, args, _batches(rows, args.batch, clock.total_steps)):
+    for _ in bare_steps(model, args, _batches(rows, args.batch, clock.total_steps), args.one):
         clock.tick()
     return clock
 
@@ -305,12 +316,12 @@ def make_optimizer(params: list[Any], args: argparse.Namespace) -> Any:
     return torch.optim.AdamW(params, lr=args.lr, weight_decay=WEIGHT_DECAY)
 
 
-def load_unsloth(args: argparse.Namespace, path: str) -> Any:
+def load_unsloth(args: argparse.Namespace, path: str, loop: str) -> Any:
     from unsloth import FastLanguageModel
 
     from app.ml.modeling import UNSLOTH_EXPERT_MODULES, unsloth_checkpointing
 
-    checkpointing = unsloth_checkpointing(True, offload=args.one != "unsloth-gpu-gc")
+    checkpointing = unsloth_checkpointing(True, offload=loop != "unsloth-gpu-gc")
     model, _tok = FastLanguageModel.from_pretrained(
         model_name=path,
         max_seq_length=args.seq,
@@ -329,7 +340,7 @@ def load_unsloth(args: argparse.Namespace, path: str) -> Any:
     )
 
 
-def load_hf(args: argparse.Namespace, path: str) -> Any:
+def load_hf(args: argparse.Namespace, path: str, loop: str = "hf") -> Any:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -368,20 +379,34 @@ def run_service(args: argparse.Namespace, rows_jsonl: Path, work: Path) -> StepC
     return clock
 
 
+def interleaved_loops(args: argparse.Namespace) -> list[str]:
+    """The bare loops of this interleaved run, in the order each round steps them."""
+    if args.one == "interleaved-gpu-gc":
+        return ["unsloth-gpu-gc"]
+    loops = args.interleave_with.split(",")
+    wrong = [loop for loop in loops if loop not in BARE[:2]]
+    if wrong:
+        raise SystemExit(f"--interleave-with: {wrong} not among {BARE[:2]}")
+    return loops
+
+
 def run_interleaved(
     args: argparse.Namespace, rows: list[tuple[list[int], list[int]]], rows_jsonl: Path, work: Path, path: str
 ) -> dict[str, dict[str, Any]]:
-    """The service's job with the bare loop stepping from its per-step hook: service step n, bare
-    step n, service step n + 1, ... A service step counts from the end of the previous bare step
-    (or the start of training) to the service's hook; a bare step from that hook to its own end,
-    both after a device sync."""
+    """The service's job with the bare loops stepping from its per-step hook: service step n, then
+    step n of each bare loop, then service step n + 1, ... A service step counts from the end of the
+    round's last bare step (or the start of training) to the service's hook; a bare step from the
+    end of the step before it, each after a device sync."""
     from app.ml.trainer import TrainConfig, train
     from bench.common import cuda_sync
 
-    bare = (load_unsloth if _cuda() else load_hf)(args, path)
+    bare_names = interleaved_loops(args)
     total = args.warmup + args.steps
-    stepper = bare_steps(bare, args, _batches(rows, args.batch, total))
-    step_s: dict[str, list[float]] = {loop: [] for loop in PAIRED}
+    steppers = {}
+    for loop in bare_names:
+        model = load_unsloth(args, path, loop) if _cuda() else load_hf(args, path, loop)
+        steppers[loop] = bare_steps(model, args, _batches(rows, args.batch, total), loop)
+    step_s: dict[str, list[float]] = {loop: [] for loop in ["service", *bare_names]}
     marks: dict[str, Any] = {}
 
     def now() -> float:
@@ -393,19 +418,29 @@ def run_interleaved(
             marks["last"] = now()
 
         def on_step(self, metrics: dict[str, Any]) -> None:
-            service_end = now()
-            step_s["service"].append(service_end - marks["last"])
+            end = now()
+            step_s["service"].append(end - marks["last"])
             if len(step_s["service"]) == args.warmup:
                 reset_peak()
                 marks["host"] = host_counters()
-            next(stepper)
-            marks["last"] = now()
-            step_s["unsloth"].append(marks["last"] - service_end)
-            if len(step_s["unsloth"]) == total:
-                marks["host"] = host_usage(marks["host"], host_counters(), 2 * args.steps)
+            for loop, stepper in steppers.items():
+                next(stepper)
+                start, end = end, now()
+                step_s[loop].append(end - start)
+            marks["last"] = end
+            if len(step_s["service"]) == total:
+                marks["host"] = host_usage(marks["host"], host_counters(), len(step_s) * args.steps)
 
-    cfg = TrainConfig(**{**service_config(args, rows_jsonl), "max_steps": total})
-    train(cfg, work_dir=work / "job", output_dir=work / "adapter", hooks=Hooks(), models_dir=args.models_dir)
+    service = {**service_config(args, rows_jsonl), "max_steps": total}
+    if args.one == "interleaved-gpu-gc":
+        service["offload_checkpoints"] = False
+    train(
+        TrainConfig(**service),
+        work_dir=work / "job",
+        output_dir=work / "adapter",
+        hooks=Hooks(),
+        models_dir=args.models_dir,
+    )
     tokens_per_step = args.batch * args.seq
     out = {}
     for loop, each in step_s.items():
@@ -418,7 +453,7 @@ def run_interleaved(
             "tokens_per_step": tokens_per_step,
             "tokens_per_s": tokens_per_step / stats["mean"] if timed else None,
         }
-    out["both"] = {"peak_gib_train_both_models": peak_gib(), "host": marks.get("host")}
+    out["all"] = {"peak_gib_train_all_models": peak_gib(), "host": marks.get("host")}
     return out
 
 
@@ -469,18 +504,18 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     path = resolve_model_path(args.model, args.models_dir)
     reset_peak()
     t0 = time.perf_counter()
-    if args.one == "interleaved":
+    if args.one.startswith("interleaved"):
         work = args.out / "service-work"
         shutil.rmtree(work, ignore_errors=True)
-        pair = run_interleaved(args, rendered, write_jsonl(rows, work / "rows.jsonl"), work, path)
-        return {"loop": "interleaved", "pair": pair, "total_s": time.perf_counter() - t0}
+        group = run_interleaved(args, rendered, write_jsonl(rows, work / "rows.jsonl"), work, path)
+        return {"loop": args.one, "group": group, "total_s": time.perf_counter() - t0}
     if args.one in ("service", "service-gpu-gc"):
         work = args.out / "service-work"
         shutil.rmtree(work, ignore_errors=True)  # a rerun must train, not resume the last run's checkpoint
         clock = run_service(args, write_jsonl(rows, work / "rows.jsonl"), work)
         load_s = None  # inside train(); the first warm-up step absorbs it
     else:
-        model = load_hf(args, path) if args.one == "hf" else load_unsloth(args, path)
+        model = load_hf(args, path) if args.one == "hf" else load_unsloth(args, path, args.one)
         load_s = time.perf_counter() - t0
         clock = bare_loop(model, args, rendered)
     result = clock.result(args.batch * lengths[0])
@@ -500,9 +535,10 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
         print(f"== run {i + 1}: {loop}: {' '.join(cmd)}", flush=True)
         rc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False).returncode
         result = read_json(out) if out.exists() and rc == 0 else {"loop": loop, "error": f"exit {rc}"}
-        if "pair" in result:  # one record per loop of the pair, named interleaved:<loop>
-            both = result["pair"].get("both", {})
-            runs += [{**result["pair"][p], **both, "loop": f"interleaved:{p}", "run": i + 1} for p in PAIRED]
+        if "group" in result:  # one record per loop of the group, named <interleaved loop>:<loop>
+            group = result["group"]
+            shared = group.pop("all", {})
+            runs += [{**r, **shared, "loop": f"{loop}:{name}", "run": i + 1} for name, r in group.items()]
         else:
             runs.append({**result, "run": i + 1})
         if out.exists():
@@ -607,16 +643,30 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
         ),
         "service_over_hf_peak": div(get("service", "peak_gib_process"), get("hf", "peak_gib_process")),
         "unsloth_over_hf_tokens": div(get("unsloth", "tokens_per_s"), get("hf", "tokens_per_s")),
-        "interleaved_service_over_unsloth_tokens": div(
-            get("interleaved:service", "tokens_per_s"), get("interleaved:unsloth", "tokens_per_s")
-        ),
-        "interleaved_service_over_unsloth_paired_steps": paired_step_ratio(
-            results, "interleaved:unsloth", "interleaved:service"
-        ),
-        "interleaved_service_over_hf_tokens": div(
-            get("interleaved:service", "tokens_per_s"), get("hf", "tokens_per_s")
-        ),
+        **interleaved_ratios(results),
     }
+
+
+def interleaved_ratios(results: dict[str, Any]) -> dict[str, float | None]:
+    """For each interleaved group: the service over each bare loop that stepped beside it (mean
+    tokens/s and paired by step), and the group's service over the separate hf run."""
+    out: dict[str, float | None] = {}
+    for name in results:
+        group, _, loop = name.partition(":")
+        if not loop or loop == "service":
+            continue
+        service = f"{group}:service"
+        s_tok, b_tok = results.get(service, {}).get("tokens_per_s"), results[name].get("tokens_per_s")
+        key = f"{group}_service_over_{loop}".replace("-", "_")
+        out[f"{key}_tokens"] = round(s_tok / b_tok, 4) if s_tok and b_tok else None
+        out[f"{key}_paired_steps"] = paired_step_ratio(results, name, service)
+    for name in results:
+        group, _, loop = name.partition(":")
+        hf = results.get("hf", {}).get("tokens_per_s")
+        s_tok = results[name].get("tokens_per_s")
+        if loop == "service" and hf and s_tok:
+            out[f"{group}_service_over_hf_tokens".replace("-", "_")] = round(s_tok / hf, 4)
+    return out
 
 
 def print_table(summary: dict[str, Any]) -> None:

@@ -96,27 +96,33 @@ def test_train_bench_repeats_a_loop_and_profiles_after_the_timed_steps(
 
 @pytest.mark.slow
 def test_train_bench_interleaves_the_service_job_with_the_bare_loop(models_dir: Path, tmp_path: Path) -> None:
-    """`interleaved` runs the service's job and the bare loop in one process, a step of each in turn
-    (on CPU the bare loop is transformers + PEFT: Unsloth needs CUDA). Each loop gets its own timed
-    steps, and the ratio is taken from them."""
+    """`interleaved` runs the service's job and the bare loops in one process, a step of each in turn
+    (on CPU the bare loops are transformers + PEFT: Unsloth needs CUDA). Each loop gets its own timed
+    steps, and the ratios are taken from them."""
     import json
 
     _bench(
         "bench.train_bench",
         *("--model", "tiny-gpt-oss", "--models-dir", str(models_dir), "--out", str(tmp_path)),
         *("--loops", "interleaved", "--batch", "2", "--seq", "128", "--steps", "3", "--warmup", "1"),
+        *("--interleave-with", "unsloth,unsloth-amp"),
     )
     summary = json.loads((tmp_path / "train_bench.json").read_text())
     assert [(r["run"], r["loop"]) for r in summary["runs"]] == [
         (1, "interleaved:service"),
         (1, "interleaved:unsloth"),
+        (1, "interleaved:unsloth-amp"),
     ]
-    service, bare = summary["loops"]["interleaved:service"], summary["loops"]["interleaved:unsloth"]
-    assert service["steps_timed"] == bare["steps_timed"] == 3
-    assert all(s > 0 for s in service["step_s_each"] + bare["step_s_each"])
-    assert summary["ratios"]["interleaved_service_over_unsloth_tokens"] == pytest.approx(
-        service["tokens_per_s"] / bare["tokens_per_s"], rel=1e-3
-    )
+    loops = summary["loops"]
+    service = loops["interleaved:service"]
+    for bare_loop in ("unsloth", "unsloth_amp"):
+        bare = loops[f"interleaved:{bare_loop.replace('_', '-')}"]
+        assert service["steps_timed"] == bare["steps_timed"] == 3
+        assert all(s > 0 for s in service["step_s_each"] + bare["step_s_each"])
+        assert summary["ratios"][f"interleaved_service_over_{bare_loop}_tokens"] == pytest.approx(
+            service["tokens_per_s"] / bare["tokens_per_s"], rel=1e-3
+        )
+        assert summary["ratios"][f"interleaved_service_over_{bare_loop}_paired_steps"] > 0
     host = summary["runs"][0]["host"]
     assert host["process_cpu_s_per_step"] > 0 and 0 <= host["machine_steal_share"] <= 1
     # the service's job really trained in that process: its adapter is there
