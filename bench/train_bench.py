@@ -22,7 +22,7 @@
   bare loop unsloth-gpu-gc). Unsloth's checkpointing mode is process-wide (it replaces
   torch.utils.checkpoint's function), so the two modes cannot share one process.
 
-Each loop but `interleaved` runs in its own process (Unsloth patches transformers on import, and
+Each loop but the interleaved ones runs in its own process (Unsloth patches transformers on import, and
 peak memory must be per loop). All train the same rows rendered by the project's harmony code, all
 exactly `--seq` tokens long, in the same batches and order (the service's job runs with
 shuffle=false), so step n of one loop and step n of another do the same work and can be compared
@@ -340,7 +340,7 @@ def load_unsloth(args: argparse.Namespace, path: str, loop: str) -> Any:
     )
 
 
-def load_hf(args: argparse.Namespace, path: str, loop: str = "hf") -> Any:
+def load_hf(args: argparse.Namespace, path: str) -> Any:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -404,7 +404,7 @@ def run_interleaved(
     total = args.warmup + args.steps
     steppers = {}
     for loop in bare_names:
-        model = load_unsloth(args, path, loop) if _cuda() else load_hf(args, path, loop)
+        model = load_unsloth(args, path, loop) if _cuda() else load_hf(args, path)
         steppers[loop] = bare_steps(model, args, _batches(rows, args.batch, total), loop)
     step_s: dict[str, list[float]] = {loop: [] for loop in ["service", *bare_names]}
     marks: dict[str, Any] = {}
