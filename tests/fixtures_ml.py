@@ -70,15 +70,22 @@ class RecordingHooks:
         return [(m["step"], m["loss"]) for m in self.steps if m.get("loss") is not None]
 
 
+def train_recorded(
+    cfg: TrainConfig, root: Path, models_dir: Path, **kwargs: Any
+) -> tuple[TrainResult, RecordingHooks]:
+    """``train(cfg)`` with its work in ``root/work``, its adapter in ``root/adapter`` and every hook
+    call recorded (``kwargs``: train's other keywords, e.g. data_dir)."""
+    hooks = RecordingHooks()
+    result = train(
+        cfg, work_dir=root / "work", output_dir=root / "adapter", hooks=hooks, models_dir=models_dir, **kwargs
+    )
+    return result, hooks
+
+
 def train_sample_adapter(
     models_dir: Path, root: Path, dataset: str, **overrides: Any
 ) -> tuple[TrainResult, RecordingHooks]:
-    cfg = TrainConfig(**{**FIXTURE_TRAIN, "dataset": dataset, **overrides})
-    hooks = RecordingHooks()
-    result = train(
-        cfg, work_dir=root / "work", output_dir=root / "adapter", hooks=hooks, models_dir=models_dir
-    )
-    return result, hooks
+    return train_recorded(TrainConfig(**{**FIXTURE_TRAIN, "dataset": dataset, **overrides}), root, models_dir)
 
 
 @pytest.fixture(scope="session")

@@ -49,9 +49,9 @@ def mini_model(models_dir: Path) -> Path:
 
 
 def _train(task: str, root: Path, base: Path, models_dir: Path) -> Any:
-    from app.ml.trainer import TrainConfig, train
+    from app.ml.trainer import TrainConfig
     from tests.fixtures_inference import TrainedAdapter, _task_rows
-    from tests.fixtures_ml import RecordingHooks
+    from tests.fixtures_ml import train_recorded
 
     data = root / f"{task}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _task_rows(task)))
@@ -73,10 +73,7 @@ def _train(task: str, root: Path, base: Path, models_dir: Path) -> Any:
             "max_seq_length": 256,
         }
     )
-    hooks = RecordingHooks()
-    result = train(
-        cfg, work_dir=root / f"work-{task}", output_dir=root / task, hooks=hooks, models_dir=models_dir
-    )
+    result, hooks = train_recorded(cfg, root / task, models_dir)
     assert result.adapter_dir is not None and result.backend == "unsloth"
     # Unsloth's own loss (the model's forward with labels), not TRL's fused head: see loss_path
     assert any("loss computed on the 'model' path" in line for line in hooks.lines)
@@ -196,9 +193,9 @@ def test_checkpoints_kept_on_the_gpu_train_exactly_as_offloaded_ones(
     Unsloth's "unsloth" mode, the GPU for standard checkpointing): the same rows in the same order
     must give the same losses. max_seq_length 512: below it Unsloth uses standard checkpointing
     whatever it is asked."""
-    from app.ml.trainer import TrainConfig, train
+    from app.ml.trainer import TrainConfig
     from tests.fixtures_inference import _task_rows
-    from tests.fixtures_ml import RecordingHooks
+    from tests.fixtures_ml import train_recorded
 
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _task_rows("capitals")))
@@ -217,14 +214,7 @@ def test_checkpoints_kept_on_the_gpu_train_exactly_as_offloaded_ones(
             shuffle=False,
             offload_checkpoints=offload,
         )
-        hooks = RecordingHooks()
-        train(
-            cfg,
-            work_dir=tmp_path / f"w{offload}",
-            output_dir=tmp_path / f"a{offload}",
-            hooks=hooks,
-            models_dir=models_dir,
-        )
+        _, hooks = train_recorded(cfg, tmp_path / f"offload-{offload}", models_dir)
         losses[offload] = [loss for _, loss in hooks.losses]
     assert len(losses[True]) == 3
     assert losses[False] == pytest.approx(losses[True], rel=2e-3), losses

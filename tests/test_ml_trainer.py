@@ -18,7 +18,7 @@ from app.ml.generation import generate_ids
 from app.ml.harmony import render_prompt, render_training
 from app.ml.modeling import config_fingerprint, ensure_tiny_model, load_base, tiny_config
 from app.ml.trainer import TrainConfig, TrainResult, latest_checkpoint, train
-from tests.fixtures_ml import RecordingHooks
+from tests.fixtures_ml import RecordingHooks, train_recorded
 
 pytestmark = pytest.mark.slow
 
@@ -203,14 +203,8 @@ def test_epochs_and_packing(models_dir: Path, tmp_path: Path) -> None:
         ("epochs", {"max_steps": 0, "num_train_epochs": 2}),
         ("packed", {"packing": True, "max_steps": 1}),
     ]:
-        hooks = RecordingHooks()
-        result = train(
-            TrainConfig(**{**common, **extra}),
-            work_dir=tmp_path / name,
-            output_dir=tmp_path / f"{name}-adapter",
-            hooks=hooks,
-            models_dir=models_dir,
-            data_dir=tmp_path / "data",
+        result, hooks = train_recorded(
+            TrainConfig(**{**common, **extra}), tmp_path / name, models_dir, data_dir=tmp_path / "data"
         )
         assert result.adapter_dir is not None
         runs[name] = hooks
@@ -236,14 +230,7 @@ def test_model_loss_path_matches_the_masked_path(
     runs = {}
     for path in ("masked", "model"):
         monkeypatch.setattr(trainer_module, "loss_path", lambda backend, on_cuda, path=path: path)
-        hooks = RecordingHooks()
-        done = train(
-            cfg,
-            work_dir=tmp_path / path,
-            output_dir=tmp_path / f"{path}-a",
-            hooks=hooks,
-            models_dir=models_dir,
-        )
+        done, hooks = train_recorded(cfg, tmp_path / path, models_dir)
         assert any(f"loss computed on the {path!r} path" in line for line in hooks.lines)
         runs[path] = (hooks.losses, done.metrics["tokens"])
     (masked, masked_tokens), (model, model_tokens) = runs["masked"], runs["model"]
@@ -294,15 +281,8 @@ def test_moe_aux_loss_is_off_by_default_and_the_same_on_both_loss_paths(
     first_loss = {}
     for path, aux in [("masked", False), ("masked", True), ("model", True)]:
         monkeypatch.setattr(trainer_module, "loss_path", lambda backend, on_cuda, path=path: path)
-        hooks = RecordingHooks()
         cfg = TrainConfig(**{**_fixture_cfg(), **overrides, "moe_aux_loss": aux})
-        train(
-            cfg,
-            work_dir=tmp_path / f"{path}{aux}",
-            output_dir=tmp_path / f"a{path}{aux}",
-            hooks=hooks,
-            models_dir=models_dir,
-        )
+        _, hooks = train_recorded(cfg, tmp_path / f"{path}-{aux}", models_dir)
         first_loss[path, aux] = hooks.losses[0][1]
     assert first_loss["masked", True] == pytest.approx(first_loss["model", True], rel=1e-4)
     # the same weights at step 1: the difference is 0.5 x the load-balancing loss (>= 1 by its definition)
