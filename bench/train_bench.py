@@ -11,6 +11,8 @@
 - service-gpu-gc, unsloth-gpu-gc: the service and the bare loop with standard gradient checkpointing
   (activations kept on the GPU: `offload_checkpoints=false`, Unsloth's `use_gradient_checkpointing=True`)
   instead of Unsloth's offloading "unsloth" mode.
+- unsloth-8bit, unsloth-fused: the bare loop with 8-bit AdamW (bitsandbytes) or torch's fused AdamW
+  whatever `--optim` says, to set two optimizers side by side in an interleaved run.
 - hf: a bare loop on transformers + PEFT in bf16, experts reached via `target_parameters`.
 - interleaved: the service's job and the bare loops named by `--interleave-with` (default: unsloth)
   in one process, one step of each in turn (the bare steps run from the service's per-step hook,
@@ -47,7 +49,12 @@ from bench.common import PrintingHooks, peak_gib, read_json, reset_peak, run_hea
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-BARE = ("unsloth", "unsloth-amp", "unsloth-gpu-gc")
+BARE = ("unsloth", "unsloth-amp", "unsloth-gpu-gc", "unsloth-8bit", "unsloth-fused")
+# Bare loops that pin their optimizer whatever --optim says (to compare optimizers in one process).
+OPTIM_OF_LOOP = {"unsloth-8bit": "adamw8bit", "unsloth-fused": "adamw-fused"}
+# --optim -> the service's TrainConfig.optim (8-bit needs CUDA + bitsandbytes).
+SERVICE_OPTIM = {"adamw8bit": "adamw_8bit", "adamw": "adamw_torch", "adamw-fused": "adamw_torch_fused"}
+INTERLEAVABLE = tuple(loop for loop in BARE if loop != "unsloth-gpu-gc")
 LOOPS = ("service", *BARE, "service-gpu-gc", "hf", "interleaved", "interleaved-gpu-gc")
 # The service's defaults (TrainConfig), used by all three loops.
 WEIGHT_DECAY = 0.01
@@ -64,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--interleave-with",
         default="unsloth",
-        help=f"bare loops stepping after each service step in `interleaved` (of {', '.join(BARE[:2])})",
+        help=f"bare loops stepping after each service step in `interleaved` (of {', '.join(INTERLEAVABLE)})",
     )
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=1024)
@@ -87,9 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--four-bit", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument(
         "--optim",
-        choices=("adamw8bit", "adamw"),
+        choices=tuple(SERVICE_OPTIM),
         default="adamw8bit",
-        help="the service's CUDA default is 8-bit",
+        help="every loop's optimizer but unsloth-8bit/-fused; the service's CUDA default is 8-bit",
     )
     return p.parse_args(argv)
 
@@ -121,7 +128,7 @@ class StepClock:
         self._profiler: Any = None
         self.profiled: dict[str, float] | None = None  # wall and GPU-kernel seconds of the profiled steps
         self._host_start: dict[str, float] | None = None
-        self.host: dict[str, float] | None = None  # what the host did over the timed steps
+        self.host: dict[str, Any] | None = None  # what the host did over the timed steps
 
     @property
     def total_steps(self) -> int:
@@ -136,11 +143,12 @@ class StepClock:
         if done == self.warmup:
             self.peak_before_gib = peak_gib()
             reset_peak()  # the timed steps' own peak, without load-time spikes
-            self._host_start = host_counters()
+            self._host_start = {**host_speed(), **host_counters()}
+            self.stamps[-1] = time.perf_counter()  # the probes' time is not a timed step's
         if done == self.warmup + self.steps:
             self.train_peak_gib = peak_gib()
             if self._host_start is not None:
-                self.host = host_usage(self._host_start, host_counters(), self.steps)
+                self.host = host_usage(self._host_start, {**host_counters(), **host_speed()}, self.steps)
             if self.profile_steps:
                 self._start_profiler()
         if self._profiler is not None and done == self.total_steps:
@@ -238,17 +246,46 @@ def host_counters() -> dict[str, float]:
     return counters
 
 
-def host_usage(start: dict[str, float], end: dict[str, float], steps: int) -> dict[str, float]:
+def host_speed() -> dict[str, float]:
+    """Two fixed probes of the single-core speed that bounds a host-bound loop: milliseconds for a
+    fixed pure-Python loop, and microseconds per tiny torch op on the CPU (the dispatcher path every
+    kernel launch also takes). Best of 3, so a preemption does not count."""
+    import torch
+
+    def python_loop() -> float:
+        t0 = time.perf_counter()
+        acc: dict[int, int] = {}
+        for i in range(100_000):
+            acc[i & 1023] = acc.get(i & 1023, 0) + i
+        return (time.perf_counter() - t0) * 1e3
+
+    def torch_ops(n: int = 2000) -> float:
+        x = torch.zeros(4)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            x.add_(1.0)
+        return (time.perf_counter() - t0) * 1e6 / n
+
+    return {
+        "python_probe_ms": min(python_loop() for _ in range(3)),
+        "torch_op_us": min(torch_ops() for _ in range(3)),
+    }
+
+
+def host_usage(start: dict[str, float], end: dict[str, float], steps: int) -> dict[str, Any]:
     """Per timed step: process CPU seconds and involuntary switches; over the span: the machine's
     steal share of all CPU ticks."""
     wall = end["wall_s"] - start["wall_s"]
-    out = {
+    out: dict[str, Any] = {
         "process_cpu_s_per_step": round((end["process_cpu_s"] - start["process_cpu_s"]) / steps, 4),
         "involuntary_switches_per_step": round(
             (end["involuntary_switches"] - start["involuntary_switches"]) / steps, 1
         ),
         "wall_s": round(wall, 3),
     }
+    for probe in ("python_probe_ms", "torch_op_us"):
+        if probe in start and probe in end:  # the host's single-core speed before and after
+            out[probe] = [round(start[probe], 3), round(end[probe], 3)]
     ticks = {k: end[k] - start[k] for k in end if k.startswith("ticks_") and k in start}
     total = sum(ticks.values())
     if total > 0:
@@ -285,7 +322,7 @@ def bare_steps(
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, args)
+    opt = make_optimizer(params, args, loop)
     device = next(p.device for p in params)
     model.train()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=loop == "unsloth-amp")
@@ -306,14 +343,17 @@ def bare_loop(model: Any, args: argparse.Namespace, rows: list[tuple[list[int], 
     return clock
 
 
-def make_optimizer(params: list[Any], args: argparse.Namespace) -> Any:
+def make_optimizer(params: list[Any], args: argparse.Namespace, loop: str | None = None) -> Any:
+    """The loop's optimizer: 8-bit AdamW (CUDA only, else plain AdamW, as the service's 'auto'),
+    torch's AdamW, or torch's fused AdamW (all parameters in a few kernels a step)."""
     import torch
 
-    if args.optim == "adamw8bit" and torch.cuda.is_available():
+    name = OPTIM_OF_LOOP.get(loop or "", args.optim)
+    if name == "adamw8bit" and torch.cuda.is_available():
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, lr=args.lr, weight_decay=WEIGHT_DECAY)
-    return torch.optim.AdamW(params, lr=args.lr, weight_decay=WEIGHT_DECAY)
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=WEIGHT_DECAY, fused=name == "adamw-fused")
 
 
 def load_unsloth(args: argparse.Namespace, path: str, loop: str) -> Any:
@@ -384,9 +424,9 @@ def interleaved_loops(args: argparse.Namespace) -> list[str]:
     if args.one == "interleaved-gpu-gc":
         return ["unsloth-gpu-gc"]
     loops = args.interleave_with.split(",")
-    wrong = [loop for loop in loops if loop not in BARE[:2]]
+    wrong = [loop for loop in loops if loop not in INTERLEAVABLE]
     if wrong:
-        raise SystemExit(f"--interleave-with: {wrong} not among {BARE[:2]}")
+        raise SystemExit(f"--interleave-with: {wrong} not among {INTERLEAVABLE}")
     return loops
 
 
@@ -418,18 +458,21 @@ def run_interleaved(
             marks["last"] = now()
 
         def on_step(self, metrics: dict[str, Any]) -> None:
+            if len(step_s["service"]) + 1 == args.warmup:  # probe inside the last warm-up step
+                marks["speed"] = host_speed()
             end = now()
             step_s["service"].append(end - marks["last"])
             if len(step_s["service"]) == args.warmup:
                 reset_peak()
-                marks["host"] = host_counters()
+                marks["host"] = {**marks["speed"], **host_counters()}
             for loop, stepper in steppers.items():
                 next(stepper)
                 start, end = end, now()
                 step_s[loop].append(end - start)
             marks["last"] = end
-            if len(step_s["service"]) == total:
-                marks["host"] = host_usage(marks["host"], host_counters(), len(step_s) * args.steps)
+            if len(step_s["service"]) == total and "host" in marks:  # (no warm-up: no host record)
+                end_counters = {**host_counters(), **host_speed()}
+                marks["host"] = host_usage(marks["host"], end_counters, len(step_s) * args.steps)
 
     service = {**service_config(args, rows_jsonl), "max_steps": total}
     if args.one == "interleaved-gpu-gc":
@@ -473,7 +516,7 @@ def service_config(args: argparse.Namespace, rows_jsonl: Path) -> dict[str, Any]
         "learning_rate": args.lr,
         "weight_decay": WEIGHT_DECAY,
         "max_grad_norm": MAX_GRAD_NORM,
-        "optim": "adamw_8bit" if args.optim == "adamw8bit" and _cuda() else "adamw_torch",
+        "optim": "adamw_torch" if args.optim == "adamw8bit" and not _cuda() else SERVICE_OPTIM[args.optim],
         "gradient_checkpointing": True,
         "offload_checkpoints": args.one != "service-gpu-gc",
         "packing": False,

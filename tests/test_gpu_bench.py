@@ -105,17 +105,18 @@ def test_train_bench_interleaves_the_service_job_with_the_bare_loop(models_dir: 
         "bench.train_bench",
         *("--model", "tiny-gpt-oss", "--models-dir", str(models_dir), "--out", str(tmp_path)),
         *("--loops", "interleaved", "--batch", "2", "--seq", "128", "--steps", "3", "--warmup", "1"),
-        *("--interleave-with", "unsloth,unsloth-amp"),
+        *("--interleave-with", "unsloth,unsloth-amp,unsloth-fused"),
     )
     summary = json.loads((tmp_path / "train_bench.json").read_text())
     assert [(r["run"], r["loop"]) for r in summary["runs"]] == [
         (1, "interleaved:service"),
         (1, "interleaved:unsloth"),
         (1, "interleaved:unsloth-amp"),
+        (1, "interleaved:unsloth-fused"),
     ]
     loops = summary["loops"]
     service = loops["interleaved:service"]
-    for bare_loop in ("unsloth", "unsloth_amp"):
+    for bare_loop in ("unsloth", "unsloth_amp", "unsloth_fused"):
         bare = loops[f"interleaved:{bare_loop.replace('_', '-')}"]
         assert service["steps_timed"] == bare["steps_timed"] == 3
         assert all(s > 0 for s in service["step_s_each"] + bare["step_s_each"])
@@ -125,6 +126,8 @@ def test_train_bench_interleaves_the_service_job_with_the_bare_loop(models_dir: 
         assert summary["ratios"][f"interleaved_service_over_{bare_loop}_paired_steps"] > 0
     host = summary["runs"][0]["host"]
     assert host["process_cpu_s_per_step"] > 0 and 0 <= host["machine_steal_share"] <= 1
+    # the host's single-core speed, probed before and after the timed steps
+    assert len(host["python_probe_ms"]) == len(host["torch_op_us"]) == 2 and min(host["torch_op_us"]) > 0
     # the service's job really trained in that process: its adapter is there
     assert (tmp_path / "service-work" / "adapter" / "adapter_config.json").exists()
 
@@ -140,6 +143,27 @@ def test_host_usage_reports_cpu_per_step_and_the_steal_share() -> None:
     assert usage["process_cpu_s_per_step"] == 1.0 and usage["involuntary_switches_per_step"] == 5.0
     assert usage["machine_steal_share"] == pytest.approx(50 / 400)
     assert usage["machine_busy_share"] == pytest.approx(1 - 50 / 400)
+
+
+def test_each_loop_gets_the_optimizer_it_names() -> None:
+    """--optim sets every loop's optimizer; unsloth-8bit and unsloth-fused pin theirs, so two
+    optimizers can step side by side in one interleaved process. Without CUDA, 8-bit falls back to
+    plain AdamW as the service's 'auto' does, and the service's job is asked for the same."""
+    import torch
+
+    from bench.train_bench import interleaved_loops, make_optimizer, parse_args, service_config
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    args = parse_args(["--model", "m", "--out", "o", "--optim", "adamw-fused"])
+    for loop, fused in (("hf", True), ("unsloth", True), ("unsloth-8bit", False), ("unsloth-fused", True)):
+        opt = make_optimizer(params, args, loop)
+        assert type(opt) is torch.optim.AdamW and bool(opt.defaults["fused"]) is fused, loop
+    assert service_config(args, Path("rows.jsonl"))["optim"] == "adamw_torch_fused"
+    eight = parse_args(["--model", "m", "--out", "o"])
+    assert not make_optimizer(params, eight, "hf").defaults["fused"]
+    assert service_config(eight, Path("rows.jsonl"))["optim"] == "adamw_torch"  # no CUDA here
+    with pytest.raises(SystemExit, match="unsloth-gpu-gc"):
+        interleaved_loops(parse_args(["--model", "m", "--out", "o", "--interleave-with", "unsloth-gpu-gc"]))
 
 
 def test_paired_step_ratio_compares_the_same_steps() -> None:

@@ -3,7 +3,8 @@
 # the project's command, then the training benchmark (loops in $LOOPS, default service,unsloth,hf; with
 # PROFILE_STEPS=n, n more steps per loop under torch.profiler -> profile_<run>_<loop>.txt; STEPS and
 # WARMUP set the timed and untimed steps, default 6 and 2; LOOPS may name `interleaved`, the service's
-# job and the bare Unsloth loops in $INTERLEAVE_WITH stepping in turn in one process).
+# job and the bare Unsloth loops in $INTERLEAVE_WITH stepping in turn in one process; OPTIM is every
+# loop's optimizer, adamw8bit by default, or adamw / adamw-fused).
 CALL=tests-train; source bench/device/common.sh
 FULL=$GPU_MODELS/gpt-oss-20b-random
 export GIT_REV GPTOSS_TEST_CACHE=/tmp/gptoss-test-cache
@@ -19,7 +20,8 @@ timeout 90 sync; echo "sync done at ${SECONDS}s" >> "$RUN/stages.txt"
 du -sh "$FULL" >> "$RUN/stages.txt"
 stage train 600 python3 -m bench.train_bench --model "$FULL" --models-dir "$GPU_MODELS" --out "$RUN/train" \
   --loops ${LOOPS:-service,unsloth,hf} --batch 4 --seq 1024 --rank 16 --steps ${STEPS:-6} --warmup ${WARMUP:-2} \
-  --profile-steps ${PROFILE_STEPS:-0} ${PROFILE_STACKS:+--profile-stacks} --interleave-with ${INTERLEAVE_WITH:-unsloth}
+  --profile-steps ${PROFILE_STEPS:-0} ${PROFILE_STACKS:+--profile-stacks} --interleave-with ${INTERLEAVE_WITH:-unsloth} \
+  --optim ${OPTIM:-adamw8bit}
 cp "$RUN/train/"*.json "$RUN/train/"*.txt "$RUN/" 2>/dev/null
 tail -n 40 "$RUN/pytest.log" 2>/dev/null
 tail -c 2500 "$RUN/train.log"
