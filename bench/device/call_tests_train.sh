@@ -12,7 +12,7 @@ export GIT_REV GPTOSS_TEST_CACHE=/tmp/gptoss-test-cache
 build=$!
 { header; echo; } > "$RUN/gpu-tests.txt"
 { lscpu | head -20; cat /proc/loadavg; nvidia-smi topo -m; } > "$RUN/host.txt" 2>&1
-[ "${PYTEST:-1}" = 1 ] && stage pytest ${PYTEST_S:-300} python3 -m bench.pytest_gpu -m gpu tests/test_gpu.py -v -rA --durations=0 -p no:cacheprovider
+[ "${PYTEST:-1}" = 1 ] && stage pytest ${PYTEST_S:-300} python3 -m bench.pytest_gpu -m gpu tests/test_gpu.py -v -rA --durations=0 -p no:cacheprovider ${PYTEST_K:+-k "$PYTEST_K"}
 grep -v "DEBUG\|torch.__trace" "$RUN/pytest.log" >> "$RUN/gpu-tests.txt" 2>/dev/null
 wait $build; echo "build rc=$? at ${SECONDS}s" >> "$RUN/stages.txt"
 # the build wrote 39 GB: flush it now so the kernel's writeback does not share the CPU with the timed steps
