@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU call: `pytest -m gpu` (skipped with PYTEST=0) while the full-size random gpt-oss-20b is built with
+# GPU call: `pytest -m gpu` (skipped with PYTEST=0; PYTEST_K passes -k) while the full-size random gpt-oss-20b is built with
 # the project's command, then the training benchmark (loops in $LOOPS, default service,unsloth,hf; with
 # PROFILE_STEPS=n, n more steps per loop under torch.profiler -> profile_<run>_<loop>.txt; STEPS and
 # WARMUP set the timed and untimed steps, default 6 and 2; LOOPS may name `interleaved`, the service's
