@@ -9,3 +9,6 @@ export HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 export GPU_MODELS=/tmp/gptoss-models
 mkdir -p "$GPU_MODELS" "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/nvidia-smi.csv" 2>&1
+# The device's copy of the tree can carry a stale .git (session 5's results said 311f573, the commit
+# the session started at): only a GIT_REV passed with the command names the code that ran.
+export GIT_REV=${GIT_REV:-"unknown (GIT_REV not passed; the device copy's git HEAD can be stale)"}
