@@ -129,6 +129,8 @@ class StepClock:
         self.profiled: dict[str, float] | None = None  # wall and GPU-kernel seconds of the profiled steps
         self._host_start: dict[str, float] | None = None
         self.host: dict[str, Any] | None = None  # what the host did over the timed steps
+        self._counters_start: dict[str, float] = {}
+        self.unsloth_per_step: dict[str, float] | None = None  # unsloth_zoo's MoE counters
 
     @property
     def total_steps(self) -> int:
@@ -144,9 +146,11 @@ class StepClock:
             self.peak_before_gib = peak_gib()
             reset_peak()  # the timed steps' own peak, without load-time spikes
             self._host_start = {**host_speed(), **host_counters()}
+            self._counters_start = unsloth_counters()
             self.stamps[-1] = time.perf_counter()  # the probes' time is not a timed step's
         if done == self.warmup + self.steps:
             self.train_peak_gib = peak_gib()
+            self.unsloth_per_step = counter_delta(self._counters_start, unsloth_counters(), self.steps)
             if self._host_start is not None:
                 self.host = host_usage(self._host_start, {**host_counters(), **host_speed()}, self.steps)
             if self.profile_steps:
@@ -222,6 +226,7 @@ class StepClock:
             "peak_gib_process": max(self.peak_before_gib or 0, train_peak or 0) or None,
             "profiled": self.profiled,
             "host": self.host,
+            "unsloth_counters_per_step": self.unsloth_per_step,
         }
 
 
@@ -244,6 +249,32 @@ def host_counters() -> dict[str, float]:
     names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
     counters.update({f"ticks_{n}": float(v) for n, v in zip(names, fields, strict=False)})
     return counters
+
+
+# unsloth_zoo's own per-call counters on the gpt-oss MoE path (module -> dict attribute), read where
+# Unsloth is loaded: how often the experts' readiness checks ran in full and which forward ran.
+UNSLOTH_COUNTERS = {
+    "unsloth_zoo.temporary_patches.moe_ready_epoch": "COUNTS",
+    "unsloth_zoo.temporary_patches.gpt_oss_grouped_qlora": "CALLS",
+}
+
+
+def unsloth_counters() -> dict[str, float]:
+    """unsloth_zoo's MoE counters now, as ``<module tail>.<key>``; empty where Unsloth is not loaded
+    (never imports it)."""
+    out: dict[str, float] = {}
+    for module, attr in UNSLOTH_COUNTERS.items():
+        table = getattr(sys.modules.get(module), attr, None)
+        if isinstance(table, dict):
+            tail = module.rsplit(".", 1)[-1]
+            out.update({f"{tail}.{k}": float(v) for k, v in table.items() if isinstance(v, int | float)})
+    return out
+
+
+def counter_delta(before: dict[str, float], after: dict[str, float], steps: int) -> dict[str, float]:
+    """Per-step increase of each counter that moved between two ``unsloth_counters()`` readings."""
+    moved = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    return {k: round(d / steps, 2) for k, d in moved.items() if d}
 
 
 def host_speed() -> dict[str, float]:
@@ -447,7 +478,16 @@ def run_interleaved(
         model = load_unsloth(args, path, loop) if _cuda() else load_hf(args, path)
         steppers[loop] = bare_steps(model, args, _batches(rows, args.batch, total), loop)
     step_s: dict[str, list[float]] = {loop: [] for loop in ["service", *bare_names]}
+    # unsloth_zoo's MoE counters are process-wide: each loop gets the increase over its own timed steps
+    counted: dict[str, dict[str, float]] = {loop: {} for loop in step_s}
     marks: dict[str, Any] = {}
+
+    def count(loop: str, before: dict[str, float]) -> dict[str, float]:
+        after = unsloth_counters()
+        if len(step_s[loop]) > args.warmup:
+            for key, delta in counter_delta(before, after, 1).items():
+                counted[loop][key] = counted[loop].get(key, 0.0) + delta
+        return after
 
     def now() -> float:
         cuda_sync()
@@ -456,6 +496,7 @@ def run_interleaved(
     class Hooks(PrintingHooks):
         def on_start(self, total_steps: int) -> None:
             marks["last"] = now()
+            marks["counters"] = unsloth_counters()
 
         def on_step(self, metrics: dict[str, Any]) -> None:
             if len(step_s["service"]) + 1 == args.warmup:  # probe inside the last warm-up step
@@ -465,11 +506,13 @@ def run_interleaved(
             if len(step_s["service"]) == args.warmup:
                 reset_peak()
                 marks["host"] = {**marks["speed"], **host_counters()}
+            counters = count("service", marks["counters"])
             for loop, stepper in steppers.items():
                 next(stepper)
                 start, end = end, now()
                 step_s[loop].append(end - start)
-            marks["last"] = end
+                counters = count(loop, counters)
+            marks["last"], marks["counters"] = end, counters
             if len(step_s["service"]) == total and "host" in marks:  # (no warm-up: no host record)
                 end_counters = {**host_counters(), **host_speed()}
                 marks["host"] = host_usage(marks["host"], end_counters, len(step_s) * args.steps)
@@ -495,6 +538,9 @@ def run_interleaved(
             "step_s_each": timed,
             "tokens_per_step": tokens_per_step,
             "tokens_per_s": tokens_per_step / stats["mean"] if timed else None,
+            "unsloth_counters_per_step": {k: round(v / len(timed), 2) for k, v in counted[loop].items()}
+            if timed
+            else None,
         }
     out["all"] = {"peak_gib_train_all_models": peak_gib(), "host": marks.get("host")}
     return out

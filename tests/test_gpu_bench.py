@@ -126,6 +126,9 @@ def test_train_bench_interleaves_the_service_job_with_the_bare_loop(models_dir: 
         assert summary["ratios"][f"interleaved_service_over_{bare_loop}_paired_steps"] > 0
     host = summary["runs"][0]["host"]
     assert host["process_cpu_s_per_step"] > 0 and 0 <= host["machine_steal_share"] <= 1
+    # unsloth_zoo's MoE counters per loop: none move without Unsloth (CPU), so the records are empty
+    for loop in ("service", "unsloth"):
+        assert loops[f"interleaved:{loop}"]["unsloth_counters_per_step"] == {}
     # the host's single-core speed, probed before and after the timed steps
     assert len(host["python_probe_ms"]) == len(host["torch_op_us"]) == 2 and min(host["torch_op_us"]) > 0
     # the service's job really trained in that process: its adapter is there
@@ -164,6 +167,32 @@ def test_each_loop_gets_the_optimizer_it_names() -> None:
     assert service_config(eight, Path("rows.jsonl"))["optim"] == "adamw_torch"  # no CUDA here
     with pytest.raises(SystemExit, match="unsloth-gpu-gc"):
         interleaved_loops(parse_args(["--model", "m", "--out", "o", "--interleave-with", "unsloth-gpu-gc"]))
+
+
+def test_unsloth_counters_are_read_from_unsloth_zoo_and_reported_per_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bench reads unsloth_zoo's own MoE counter dicts where Unsloth is loaded and never imports
+    it. Unsloth cannot load here (CUDA only), so a module object with the same name and a counter
+    dict of the same shape stands in for it."""
+    import sys
+    import types
+
+    from bench.train_bench import counter_delta, unsloth_counters
+
+    assert unsloth_counters() == {}  # not loaded: nothing, and no import attempted
+    assert "unsloth_zoo.temporary_patches.moe_ready_epoch" not in sys.modules
+    fake = types.ModuleType("unsloth_zoo.temporary_patches.moe_ready_epoch")
+    fake.COUNTS = {"full": 0, "lean": 0, "cheap": 0}  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    before = unsloth_counters()
+    assert before == {"moe_ready_epoch.full": 0.0, "moe_ready_epoch.lean": 0.0, "moe_ready_epoch.cheap": 0.0}
+    fake.COUNTS["full"] += 48  # type: ignore[attr-defined]
+    fake.COUNTS["cheap"] += 6  # type: ignore[attr-defined]
+    assert counter_delta(before, unsloth_counters(), steps=2) == {
+        "moe_ready_epoch.full": 24.0,
+        "moe_ready_epoch.cheap": 3.0,
+    }
 
 
 def test_paired_step_ratio_compares_the_same_steps() -> None:
