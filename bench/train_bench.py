@@ -145,14 +145,14 @@ class StepClock:
         if done == self.warmup:
             self.peak_before_gib = peak_gib()
             reset_peak()  # the timed steps' own peak, without load-time spikes
-            self._host_start = {**host_speed(), **host_counters()}
+            self._host_start = host_mark()
             self._counters_start = unsloth_counters()
             self.stamps[-1] = time.perf_counter()  # the probes' time is not a timed step's
         if done == self.warmup + self.steps:
             self.train_peak_gib = peak_gib()
             self.unsloth_per_step = counter_delta(self._counters_start, unsloth_counters(), self.steps)
             if self._host_start is not None:
-                self.host = host_usage(self._host_start, {**host_counters(), **host_speed()}, self.steps)
+                self.host = host_span(self._host_start, self.steps)
             if self.profile_steps:
                 self._start_profiler()
         if self._profiler is not None and done == self.total_steps:
@@ -301,6 +301,17 @@ def host_speed() -> dict[str, float]:
         "python_probe_ms": min(python_loop() for _ in range(3)),
         "torch_op_us": min(torch_ops() for _ in range(3)),
     }
+
+
+def host_mark(speed: dict[str, float] | None = None) -> dict[str, float]:
+    """The host record at the start of the timed steps: the speed probes first (or ``speed``, probed
+    earlier), then the counters, so the probes' own CPU time is not counted."""
+    return {**(speed if speed is not None else host_speed()), **host_counters()}
+
+
+def host_span(start: dict[str, float], steps: int) -> dict[str, Any]:
+    """``host_usage`` from ``host_mark()`` to now: the counters first, then the probes."""
+    return host_usage(start, {**host_counters(), **host_speed()}, steps)
 
 
 def host_usage(start: dict[str, float], end: dict[str, float], steps: int) -> dict[str, Any]:
@@ -505,7 +516,7 @@ def run_interleaved(
             step_s["service"].append(end - marks["last"])
             if len(step_s["service"]) == args.warmup:
                 reset_peak()
-                marks["host"] = {**marks["speed"], **host_counters()}
+                marks["host"] = host_mark(marks["speed"])
             counters = count("service", marks["counters"])
             for loop, stepper in steppers.items():
                 next(stepper)
@@ -514,8 +525,7 @@ def run_interleaved(
                 counters = count(loop, counters)
             marks["last"], marks["counters"] = end, counters
             if len(step_s["service"]) == total and "host" in marks:  # (no warm-up: no host record)
-                end_counters = {**host_counters(), **host_speed()}
-                marks["host"] = host_usage(marks["host"], end_counters, len(step_s) * args.steps)
+                marks["host"] = host_span(marks["host"], len(step_s) * args.steps)
 
     service = {**service_config(args, rows_jsonl), "max_steps": total}
     if args.one == "interleaved-gpu-gc":
