@@ -4,7 +4,7 @@
 # then, with the API stopped, the plain-`generate` baseline on the same base, adapter and prompts.
 CALL=final; source bench/device/common.sh
 FULL=$GPU_MODELS/gpt-oss-20b-random
-export GIT_REV GPTOSS_TEST_CACHE=/tmp/gptoss-test-cache
+export GPTOSS_TEST_CACHE=/tmp/gptoss-test-cache
 ( [ -f "$FULL/config.json" ] || python3 scripts/make_full_model.py --out "$FULL" --models_dir "$GPU_MODELS" ) > "$RUN/build.log" 2>&1 &
 build=$!
 { header; echo; } > "$RUN/gpu-tests.txt"

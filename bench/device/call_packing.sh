@@ -4,7 +4,6 @@
 # on the hf backend (Unsloth 2026.10.9 ignores packing for gpt_oss, so the service refuses it there).
 CALL=packing; source bench/device/common.sh
 FULL=$GPU_MODELS/gpt-oss-20b-random
-export GIT_REV
 ( [ -f "$FULL/config.json" ] || python3 scripts/make_full_model.py --out "$FULL" --models_dir "$GPU_MODELS" ) > "$RUN/build.log" 2>&1
 echo "build rc=$? at ${SECONDS}s" >> "$RUN/stages.txt"
 timeout 90 sync; echo "sync done at ${SECONDS}s" >> "$RUN/stages.txt"

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# GPU call: `pytest -m gpu` (skipped with PYTEST=0; PYTEST_K passes -k) while the full-size random gpt-oss-20b is built with
-# the project's command, then the training benchmark (loops in $LOOPS, default service,unsloth,hf; with
-# PROFILE_STEPS=n, n more steps per loop under torch.profiler -> profile_<run>_<loop>.txt; STEPS and
-# WARMUP set the timed and untimed steps, default 6 and 2; LOOPS may name `interleaved`, the service's
-# job and the bare Unsloth loops in $INTERLEAVE_WITH stepping in turn in one process; OPTIM is every
-# loop's optimizer, adamw8bit by default, or adamw / adamw-fused).
+# GPU call: `pytest -m gpu` (skipped with PYTEST=0; PYTEST_K passes -k) while the full-size random
+# gpt-oss-20b is built with the project's command, then the training benchmark: loops in $LOOPS
+# (default service,unsloth,hf); PROFILE_STEPS=n adds n steps per loop under torch.profiler ->
+# profile_<run>_<loop>.txt; STEPS and WARMUP set the timed and untimed steps (default 6 and 2);
+# LOOPS may name `interleaved`: the service's job and the bare Unsloth loops in $INTERLEAVE_WITH
+# stepping in turn in one process; OPTIM is every loop's optimizer (adamw8bit by default, or adamw /
+# adamw-fused).
 CALL=tests-train; source bench/device/common.sh
 FULL=$GPU_MODELS/gpt-oss-20b-random
-export GIT_REV GPTOSS_TEST_CACHE=/tmp/gptoss-test-cache
+export GPTOSS_TEST_CACHE=/tmp/gptoss-test-cache
 ( [ -f "$FULL/config.json" ] || python3 scripts/make_full_model.py --out "$FULL" --models_dir "$GPU_MODELS" ) > "$RUN/build.log" 2>&1 &
 build=$!
 { header; echo; } > "$RUN/gpu-tests.txt"
