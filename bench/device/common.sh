@@ -21,8 +21,8 @@ header() {  # date, revision, GPU and library versions: the first lines of every
 }
 finish() {
   # The tool returns at most 8 files: the summaries, and everything else inside the tarball.
-  for f in stages.txt gpu-tests.txt train_bench.json e2e.json gen_bench.json gen_baseline.json packing_bench.json; do
-    [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/"
+  for f in "$RUN"/{stages.txt,gpu-tests.txt,train_bench.json,b*-train_bench.json,e2e.json,gen_bench.json,gen_baseline.json,packing_bench.json}; do
+    [ -f "$f" ] && cp "$f" "$OUT/"
   done
   tar czf "$OUT/run-$CALL.tgz" --exclude='*.safetensors' --exclude='*.jsonl' --exclude='*.pt' --exclude='*.bin' \
     --exclude='tokenizer.json' --exclude='checkpoint-*' --exclude='data' -C "$RUN" . 2>/dev/null
