@@ -227,6 +227,7 @@ class StepClock:
             "profiled": self.profiled,
             "host": self.host,
             "unsloth_counters_per_step": self.unsloth_per_step,
+            "unsloth_counter_modules": unsloth_counter_modules(),
         }
 
 
@@ -252,22 +253,36 @@ def host_counters() -> dict[str, float]:
 
 
 # unsloth_zoo's own per-call counters on the gpt-oss MoE path (module -> dict attribute), read where
-# Unsloth is loaded: how often the experts' readiness checks ran in full and which forward ran.
-UNSLOTH_COUNTERS = {
-    "unsloth_zoo.temporary_patches.moe_ready_epoch": "COUNTS",
-    "unsloth_zoo.temporary_patches.gpt_oss_grouped_qlora": "CALLS",
-}
+# Unsloth is loaded: unsloth_zoo's own counters of the MoE paths (readiness checks, which grouped-expert
+# forward ran, selective dequantisation), read where its modules are already imported.
+UNSLOTH_COUNTERS = (
+    ("unsloth_zoo.temporary_patches.moe_ready_epoch", "COUNTS"),
+    ("unsloth_zoo.temporary_patches.gpt_oss_grouped_qlora", "CALLS"),
+    ("unsloth_zoo.temporary_patches.moe_utils", "SELECTIVE_DEQUANT_STATS"),
+    ("unsloth_zoo.temporary_patches.moe_utils", "_EXPERT_COUNT_CALLS"),
+    ("unsloth_zoo.temporary_patches.moe_utils", "TRITON_MOE_COMPUTE_DTYPE_STATS"),
+    ("unsloth_zoo.temporary_patches.moe_grouped_fp16", "CALLS"),
+    ("unsloth_zoo.temporary_patches.moe_grouped_fp16", "GENERIC_CALLS"),
+)
+
+
+def unsloth_counter_modules() -> list[str]:
+    """Which of the counters' modules this process has imported: a counter that did not move means
+    something only where its module is listed here."""
+    return sorted({m.rsplit(".", 1)[-1] for m, _ in UNSLOTH_COUNTERS if m in sys.modules})
 
 
 def unsloth_counters() -> dict[str, float]:
-    """unsloth_zoo's MoE counters now, as ``<module tail>.<key>``; empty where Unsloth is not loaded
-    (never imports it)."""
+    """unsloth_zoo's MoE counters now, as ``<module tail>.<table>.<key>`` (a one-slot list counter as
+    ``<module tail>.<table>``); empty where Unsloth is not loaded (never imports it)."""
     out: dict[str, float] = {}
-    for module, attr in UNSLOTH_COUNTERS.items():
+    for module, attr in UNSLOTH_COUNTERS:
         table = getattr(sys.modules.get(module), attr, None)
+        name = f"{module.rsplit('.', 1)[-1]}.{attr}"
         if isinstance(table, dict):
-            tail = module.rsplit(".", 1)[-1]
-            out.update({f"{tail}.{k}": float(v) for k, v in table.items() if isinstance(v, int | float)})
+            out.update({f"{name}.{k}": float(v) for k, v in table.items() if isinstance(v, int | float)})
+        elif isinstance(table, list) and len(table) == 1 and isinstance(table[0], int | float):
+            out[name] = float(table[0])
     return out
 
 
@@ -551,6 +566,7 @@ def run_interleaved(
             "unsloth_counters_per_step": {k: round(v / len(timed), 2) for k, v in counted[loop].items()}
             if timed
             else None,
+            "unsloth_counter_modules": unsloth_counter_modules(),
         }
     out["all"] = {"peak_gib_train_all_models": peak_gib(), "host": marks.get("host")}
     return out

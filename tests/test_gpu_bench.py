@@ -178,20 +178,32 @@ def test_unsloth_counters_are_read_from_unsloth_zoo_and_reported_per_step(
     import sys
     import types
 
-    from bench.train_bench import counter_delta, unsloth_counters
+    from bench.train_bench import counter_delta, unsloth_counter_modules, unsloth_counters
 
     assert unsloth_counters() == {}  # not loaded: nothing, and no import attempted
+    assert unsloth_counter_modules() == []
     assert "unsloth_zoo.temporary_patches.moe_ready_epoch" not in sys.modules
     fake = types.ModuleType("unsloth_zoo.temporary_patches.moe_ready_epoch")
     fake.COUNTS = {"full": 0, "lean": 0, "cheap": 0}  # type: ignore[attr-defined]
+    utils = types.ModuleType("unsloth_zoo.temporary_patches.moe_utils")
+    utils._EXPERT_COUNT_CALLS = [0]  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    monkeypatch.setitem(sys.modules, utils.__name__, utils)
+    assert unsloth_counter_modules() == ["moe_ready_epoch", "moe_utils"]
     before = unsloth_counters()
-    assert before == {"moe_ready_epoch.full": 0.0, "moe_ready_epoch.lean": 0.0, "moe_ready_epoch.cheap": 0.0}
+    assert before == {
+        "moe_ready_epoch.COUNTS.full": 0.0,
+        "moe_ready_epoch.COUNTS.lean": 0.0,
+        "moe_ready_epoch.COUNTS.cheap": 0.0,
+        "moe_utils._EXPERT_COUNT_CALLS": 0.0,
+    }
     fake.COUNTS["full"] += 48  # type: ignore[attr-defined]
     fake.COUNTS["cheap"] += 6  # type: ignore[attr-defined]
+    utils._EXPERT_COUNT_CALLS[0] += 96  # type: ignore[attr-defined]
     assert counter_delta(before, unsloth_counters(), steps=2) == {
-        "moe_ready_epoch.full": 24.0,
-        "moe_ready_epoch.cheap": 3.0,
+        "moe_ready_epoch.COUNTS.full": 24.0,
+        "moe_ready_epoch.COUNTS.cheap": 3.0,
+        "moe_utils._EXPERT_COUNT_CALLS": 48.0,
     }
 
 
