@@ -2,7 +2,8 @@
 # run's folder into $OUT (the tool returns at most 8 files) even when a stage is cut short.
 source bench/device/env.sh
 RUN=/tmp/run-$CALL
-mkdir -p "$RUN"
+# A warm machine keeps the last call's $RUN: start empty so no earlier result is taken for this call's.
+rm -rf "$RUN" && mkdir -p "$RUN"
 DEADLINE=${DEADLINE:-575}
 left() { echo $((DEADLINE - SECONDS)); }
 stage() {  # stage NAME SECONDS CMD... : run with a time limit, log to $RUN/NAME.log, never abort the call
