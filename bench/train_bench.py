@@ -252,9 +252,8 @@ def host_counters() -> dict[str, float]:
     return counters
 
 
-# unsloth_zoo's own per-call counters on the gpt-oss MoE path (module -> dict attribute), read where
-# Unsloth is loaded: unsloth_zoo's own counters of the MoE paths (readiness checks, which grouped-expert
-# forward ran, selective dequantisation), read where its modules are already imported.
+# unsloth_zoo's own counters of its MoE paths (module, table): readiness checks, which grouped-expert
+# forward ran, selective dequantisation; read only where those modules are already imported.
 UNSLOTH_COUNTERS = (
     ("unsloth_zoo.temporary_patches.moe_ready_epoch", "COUNTS"),
     ("unsloth_zoo.temporary_patches.gpt_oss_grouped_qlora", "CALLS"),
@@ -563,9 +562,7 @@ def run_interleaved(
             "step_s_each": timed,
             "tokens_per_step": tokens_per_step,
             "tokens_per_s": tokens_per_step / stats["mean"] if timed else None,
-            "unsloth_counters_per_step": {k: round(v / len(timed), 2) for k, v in counted[loop].items()}
-            if timed
-            else None,
+            "unsloth_counters_per_step": counter_delta({}, counted[loop], len(timed)) if timed else None,
             "unsloth_counter_modules": unsloth_counter_modules(),
         }
     out["all"] = {"peak_gib_train_all_models": peak_gib(), "host": marks.get("host")}
