@@ -18,7 +18,7 @@ from app.ml.modeling import import_unsloth_first
 if os.environ.get("GPTOSS_BACKEND", "auto").strip().lower() != "hf":
     import_unsloth_first()  # a no-op without CUDA or without the unsloth package
 
-from app import observability  # noqa: E402
+from app import identity, observability  # noqa: E402
 from app.api.routes import adapters, files, generate, health, jobs, openai_compat, plots
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker, upgrade_to_head
@@ -37,7 +37,8 @@ Every route but `/healthz` and `/readyz` needs `Authorization: Bearer <key>`."""
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    upgrade_to_head(settings)  # also run by every worker; a file lock serialises them
+    upgrade_to_head(settings)  # also run by every worker; a migration lock serialises them
+    identity.check_data_dir(settings, app.state.db)  # refuses a data folder of another deployment
     if settings.auth == "none":
         log.warning(
             "!!! GPTOSS_AUTH=none: API keys are OFF, anyone who reaches %s:%s can train and generate. "
