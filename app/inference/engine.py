@@ -308,10 +308,9 @@ class InferenceEngine:
         """Adapter cache capacity and pinned set for the loaded backend.
 
         Unsloth 2026.10.9 serves the expert LoRA of the adapter loaded first, whichever is active,
-        unless its lookup is patched (app/ml/unsloth_fixes.py; seen on the H200 on 2026-11-28). Where
-        the patch cannot be applied, or `unsloth_multi_adapter` is off, the Unsloth backend keeps one
-        adapter resident: always the right answer, at the price of a load (~1.7 s for gpt-oss-20b)
-        on every switch.
+        unless its lookup is patched (app/ml/unsloth_fixes.py). Where the patch cannot be applied,
+        or `unsloth_multi_adapter` is off, the Unsloth backend keeps one adapter resident: always
+        the right answer, at the price of a load (~1.7 s for gpt-oss-20b) on every switch.
         """
         capacity, pinned = self.settings.adapter_cache_size, set(self.settings.pinned_adapters)
         if backend != "unsloth":
