@@ -43,7 +43,11 @@ class Settings(BaseSettings):
         10, ge=1, le=1000, description="PostgreSQL: connections each process keeps open (ignored on SQLite)."
     )
     db_max_overflow: int = Field(
-        20, ge=0, le=1000, description="PostgreSQL: extra connections a process may open under load."
+        30,
+        ge=0,
+        le=1000,
+        description="PostgreSQL: extra connections a process may open under load (with db_pool_size, "
+        "40: one for each thread of the API's threadpool).",
     )
 
     # --- model ---------------------------------------------------------------------------------
