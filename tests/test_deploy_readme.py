@@ -263,6 +263,7 @@ def _fake_checkout(tmp_path: Path, pytest_exit: int, ruff_exit: int = 0) -> Path
     shutil.copy(ROOT / "scripts/test.sh", root / "scripts/test.sh")
     shutil.copy(ROOT / ".ci/run", root / ".ci/run")
     (root / "scripts/install.sh").write_text("#!/usr/bin/env bash\necho install >> calls.log\n")
+    (root / "scripts/install-system.sh").write_text("#!/usr/bin/env bash\necho install-system >> calls.log\n")
     (root / ".venv/bin/activate").write_text(f'export PATH="{root}/bin:$PATH"\n')
     for tool, code in (("ruff", ruff_exit), ("mypy", 0), ("pytest", pytest_exit)):
         (root / "bin" / tool).write_text(f'#!/usr/bin/env bash\necho "{tool} $*" >> calls.log\nexit {code}\n')
@@ -270,6 +271,7 @@ def _fake_checkout(tmp_path: Path, pytest_exit: int, ruff_exit: int = 0) -> Path
         *root.glob("bin/*"),
         root / "scripts/test.sh",
         root / "scripts/install.sh",
+        root / "scripts/install-system.sh",
         root / ".ci/run",
     ]:
         path.chmod(0o755)
@@ -291,6 +293,7 @@ def test_ci_passes_only_when_every_check_passes(
     # Every check runs, also after one has failed.
     assert calls == [
         "install",
+        "install-system",
         "ruff check .",
         "ruff format --check .",
         "mypy app workers scripts bench",
