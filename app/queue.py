@@ -24,9 +24,8 @@ from app.config import Settings
 from app.db import immediate_session, utcnow
 from app.exceptions import Conflict, DatasetInvalid, InvalidInput, NotFound, TransitionError
 from app.ml.data import DatasetError, encode_examples, load_rows, sample_names, validate_rows
-from app.models import FileRecord, Job, JobEvent
+from app.models import ACTIVE_STATUSES, FINAL_STATUSES, FileRecord, Job, JobEvent, JobStatus
 
-FINAL_STATUSES = ("succeeded", "failed", "cancelled")
 HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -120,13 +119,13 @@ def get_job(session: Session, job_id: str) -> Job:
 
 def queue_position(session: Session, job: Job) -> int | None:
     """1-based place in the claim order (priority first, then age); None unless queued."""
-    if job.status != "queued":
+    if job.status != JobStatus.QUEUED:
         return None
     ahead = session.scalar(
         select(func.count())
         .select_from(Job)
         .where(
-            Job.status == "queued",
+            Job.status == JobStatus.QUEUED,
             or_(Job.priority > job.priority, and_(Job.priority == job.priority, Job.id < job.id)),
         )
     )
@@ -160,7 +159,7 @@ def jobs_using_file(session: Session, record: FileRecord) -> Sequence[str]:
     """Active jobs that read this upload, as their dataset or as hyperparameters.eval_dataset (the
     config holds the upload's resolved path there, see resolve_dataset)."""
     uses = or_(Job.file_id == record.id, Job.config["eval_dataset"].as_string() == record.path)
-    query = select(Job.id).where(uses, Job.status.in_(("queued", "running")))
+    query = select(Job.id).where(uses, Job.status.in_(ACTIVE_STATUSES))
     return list(session.scalars(query))
 
 
@@ -205,7 +204,7 @@ def claim_next(engine: Engine, worker_id: str, lease_s: float) -> Job | None:
     with immediate_session(engine) as session:
         next_id = (
             select(Job.id)
-            .where(Job.status == "queued")
+            .where(Job.status == JobStatus.QUEUED)
             .order_by(Job.priority.desc(), Job.id)
             .limit(1)
             .scalar_subquery()
@@ -213,9 +212,9 @@ def claim_next(engine: Engine, worker_id: str, lease_s: float) -> Job | None:
         claimed = session.execute(
             update(Job)
             # The status guard again: off SQLite, a concurrent claim can win the row after our sub-select.
-            .where(Job.id == next_id, Job.status == "queued")
+            .where(Job.id == next_id, Job.status == JobStatus.QUEUED)
             .values(
-                status="running",
+                status=JobStatus.RUNNING,
                 worker_id=worker_id,
                 attempts=Job.attempts + 1,
                 heartbeat_at=now,
@@ -245,7 +244,7 @@ def heartbeat(session: Session, job_id: str, worker_id: str, lease_s: float) -> 
     _transition(
         session,
         job_id,
-        ["running"],
+        [JobStatus.RUNNING],
         owner=worker_id,
         heartbeat_at=now,
         lease_until=now + timedelta(seconds=lease_s),
@@ -267,7 +266,7 @@ def requeue_expired(session: Session) -> list[tuple[str, str]]:
     now = utcnow()
     stale = session.execute(
         select(Job.id, Job.attempts, Job.max_attempts, Job.cancel_requested, Job.worker_id).where(
-            Job.status == "running", Job.lease_until < now
+            Job.status == JobStatus.RUNNING, Job.lease_until < now
         )
     ).all()
     changed = []
@@ -275,7 +274,7 @@ def requeue_expired(session: Session) -> list[tuple[str, str]]:
         values, status, reason = _expired_outcome(attempts, max_attempts, cancel, worker)
         result = session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status == "running", Job.lease_until < now)
+            .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.lease_until < now)
             .values(status=status, worker_id=None, lease_until=None, updated_at=now, **values),
             execution_options={"synchronize_session": False},
         )
@@ -291,24 +290,24 @@ def _expired_outcome(
 ) -> tuple[dict[str, Any], str, str]:
     reason = f"worker {worker} stopped heartbeating during attempt {attempts} of {max_attempts}"
     if cancel:
-        return {"finished_at": utcnow()}, "cancelled", reason
+        return {"finished_at": utcnow()}, JobStatus.CANCELLED, reason
     if attempts >= max_attempts:
         values = {
             "finished_at": utcnow(),
             "error_code": "worker_lost",
             "error_message": f"{reason}; no attempts left",
         }
-        return values, "failed", reason
-    return {}, "queued", f"{reason}; will resume from the last checkpoint"
+        return values, JobStatus.FAILED, reason
+    return {}, JobStatus.QUEUED, f"{reason}; will resume from the last checkpoint"
 
 
 def finish_succeeded(session: Session, job_id: str, worker_id: str, *, adapter_id: str, backend: str) -> None:
     _transition(
         session,
         job_id,
-        ["running"],
+        [JobStatus.RUNNING],
         owner=worker_id,
-        status="succeeded",
+        status=JobStatus.SUCCEEDED,
         adapter_id=adapter_id,
         backend=backend,
         finished_at=utcnow(),
@@ -322,9 +321,9 @@ def finish_failed(session: Session, job_id: str, worker_id: str, *, code: str, m
     _transition(
         session,
         job_id,
-        ["running"],
+        [JobStatus.RUNNING],
         owner=worker_id,
-        status="failed",
+        status=JobStatus.FAILED,
         error_code=code,
         error_message=message,
         finished_at=utcnow(),
@@ -338,9 +337,9 @@ def finish_cancelled(session: Session, job_id: str, worker_id: str) -> None:
     _transition(
         session,
         job_id,
-        ["running"],
+        [JobStatus.RUNNING],
         owner=worker_id,
-        status="cancelled",
+        status=JobStatus.CANCELLED,
         finished_at=utcnow(),
         lease_until=None,
     )
@@ -353,9 +352,9 @@ def release(session: Session, job_id: str, worker_id: str, reason: str) -> None:
     _transition(
         session,
         job_id,
-        ["running"],
+        [JobStatus.RUNNING],
         owner=worker_id,
-        status="queued",
+        status=JobStatus.QUEUED,
         worker_id=None,
         lease_until=None,
         attempts=Job.attempts - 1,
@@ -371,11 +370,11 @@ def request_cancel(session: Session, job_id: str) -> Job:
     """Queued: cancelled at once. Running: flagged; its worker stops it in seconds, keeping checkpoints."""
     job = get_job(session, job_id)
     try:
-        if job.status == "queued":
-            _transition(session, job_id, ["queued"], status="cancelled", finished_at=utcnow())
+        if job.status == JobStatus.QUEUED:
+            _transition(session, job_id, [JobStatus.QUEUED], status=JobStatus.CANCELLED, finished_at=utcnow())
             add_event(session, job_id, "status", message="cancelled while queued")
         else:
-            _transition(session, job_id, ["running"], cancel_requested=True)
+            _transition(session, job_id, [JobStatus.RUNNING], cancel_requested=True)
             add_event(session, job_id, "status", message="cancel requested")
     except TransitionError:
         session.rollback()
@@ -407,7 +406,7 @@ def record_step(session: Session, job_id: str, worker_id: str, attempt: int, met
         values["train_loss"] = train_loss
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == "running", Job.worker_id == worker_id)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.worker_id == worker_id)
         .values(updated_at=utcnow(), **values),
         execution_options={"synchronize_session": False},
     )
@@ -435,7 +434,7 @@ def record_backend(session: Session, job_id: str, worker_id: str, backend: str) 
 def _record_owned(session: Session, job_id: str, worker_id: str, **values: Any) -> bool:
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == "running", Job.worker_id == worker_id)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.worker_id == worker_id)
         .values(updated_at=utcnow(), **values),
         execution_options={"synchronize_session": False},
     )

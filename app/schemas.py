@@ -7,7 +7,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+from app.models import JobStatus
+
 T = TypeVar("T")
 
 MAX_METADATA_KEYS = 16

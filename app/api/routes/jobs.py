@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 from pydantic import ValidationError
@@ -204,7 +204,7 @@ def job_public(session: Session, job: Job) -> JobPublic:
     return JobPublic(
         id=job.id,
         name=job.name,
-        status=cast(JobStatus, job.status),
+        status=JobStatus(job.status),
         base_model=job.base_model,
         dataset=job.dataset,
         file_id=job.file_id,
