@@ -1,4 +1,4 @@
-"""Every job state change, each one guarded SQL.
+"""The jobs and job_events tables: every job state change, each one guarded SQL, and their reads.
 
 A transition is `UPDATE jobs ... WHERE id=:id AND status IN (...)` (plus the owning worker where one
 owns the job); zero rows updated raises TransitionError, so two parties can never both move a job.
@@ -9,25 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.config import Settings
 from app.db import immediate_session, utcnow
-from app.exceptions import Conflict, DatasetInvalid, InvalidInput, NotFound, TransitionError
-from app.ml.data import DatasetError, encode_examples, load_rows, sample_names, validate_rows
-from app.models import ACTIVE_STATUSES, FINAL_STATUSES, FileRecord, Job, JobEvent, JobStatus
-
-HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-
+from app.exceptions import Conflict, NotFound, TransitionError
+from app.models import ACTIVE_STATUSES, FINAL_STATUSES, Job, JobEvent, JobStatus
+from app.pagination import PageRows, paginate
 
 # --- creation ---------------------------------------------------------------------------------------
 
@@ -132,33 +126,36 @@ def queue_position(session: Session, job: Job) -> int | None:
     return int(ahead or 0) + 1
 
 
-def list_jobs(
-    session: Session, *, status: str | None, after: str | None, limit: int
-) -> tuple[list[Job], bool]:
+def list_jobs(session: Session, *, status: str | None, after: str | None, limit: int) -> PageRows:
     """Newest first; `after` is the last id of the previous page."""
-    query = select(Job).order_by(Job.id.desc()).limit(limit + 1)
+    query = select(Job)
     if status:
         query = query.where(Job.status == status)
-    if after:
-        query = query.where(Job.id < after)
-    rows = list(session.scalars(query))
-    return rows[:limit], len(rows) > limit
+    return paginate(session, query, Job.id, after=after, limit=limit)
 
 
-def list_events(
-    session: Session, job_id: str, *, after: int, limit: int, kind: str | None
-) -> tuple[list[JobEvent], bool]:
-    query = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
+def list_events(session: Session, job_id: str, *, after: int, limit: int, kind: str | None) -> PageRows:
+    """Oldest first; `after` is the last event id already seen."""
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
     if kind:
         query = query.where(JobEvent.kind == kind)
-    rows = list(session.scalars(query.order_by(JobEvent.id).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return paginate(session, query, JobEvent.id, after=after, limit=limit, newest_first=False)
 
 
-def jobs_using_file(session: Session, record: FileRecord) -> Sequence[str]:
-    """Active jobs that read this upload, as their dataset or as hyperparameters.eval_dataset (the
-    config holds the upload's resolved path there, see resolve_dataset)."""
-    uses = or_(Job.file_id == record.id, Job.config["eval_dataset"].as_string() == record.path)
+def metrics_at(session: Session, job_id: str, steps: list[int]) -> dict[int, dict[str, Any]]:
+    """The training metrics recorded at these steps (e.g. the checkpoints'), by step."""
+    rows = session.scalars(
+        select(JobEvent).where(
+            JobEvent.job_id == job_id, JobEvent.kind == "metrics", JobEvent.step.in_(steps)
+        )
+    )
+    return {row.step: row.data for row in rows if row.step is not None and row.data is not None}
+
+
+def jobs_using_file(session: Session, file_id: str) -> Sequence[str]:
+    """Active jobs that read this upload, as their dataset or as hyperparameters.eval_dataset (both
+    hold the file id: app.datasets resolves it to the stored path only when the data is read)."""
+    uses = or_(Job.file_id == file_id, Job.config["eval_dataset"].as_string() == file_id)
     query = select(Job.id).where(uses, Job.status.in_(ACTIVE_STATUSES))
     return list(session.scalars(query))
 
@@ -440,68 +437,3 @@ def _record_owned(session: Session, job_id: str, worker_id: str, **values: Any) 
     )
     session.commit()
     return bool(result.rowcount)  # type: ignore[attr-defined]
-
-
-# --- datasets (checked by the API before queueing, resolved again by the child) ---------------------------
-
-
-def resolve_dataset(session: Session, dataset: str) -> tuple[str, str | None]:
-    """The source string app.ml.data.load_rows reads, and the file id when it is an upload."""
-    if dataset.startswith("file_"):
-        record = session.get(FileRecord, dataset)
-        if record is None:
-            raise NotFound(f"file {dataset!r} does not exist; upload it with POST /files", field="dataset")
-        return record.path, record.id
-    if dataset.startswith("sample:"):
-        return dataset, None
-    if dataset.startswith("hf:"):
-        if not HF_ID.fullmatch(dataset.removeprefix("hf:")):
-            raise InvalidInput("dataset", "hf:<dataset id> needs an id like owner/name")
-        return dataset, None
-    if dataset in sample_names():
-        return f"sample:{dataset}", None
-    raise InvalidInput("dataset", "must be an uploaded file id (file_...), sample:<name> or hf:<dataset id>")
-
-
-def validate_dataset_file(path: Path, settings: Settings) -> int:
-    """Read and validate a whole dataset; DatasetInvalid names the first bad row. Returns the row count."""
-    return len(load_dataset(str(path), settings, field="file"))
-
-
-def check_job_datasets(config: dict[str, Any], settings: Settings) -> None:
-    """Before queueing: load, validate and encode (harmony-render) the job's dataset and eval_dataset,
-    so a row longer than max_seq_length fails now, naming the row, rather than in the worker.
-    hf: datasets need the network, which only the worker may have; it checks them."""
-    sources = [("dataset", config["dataset"]), ("hyperparameters.eval_dataset", config.get("eval_dataset"))]
-    for field, source in sources:
-        if source and not source.startswith("hf:"):
-            _check_encodes(load_dataset(source, settings, field=field), config, settings, field)
-
-
-def _check_encodes(examples: list[Any], config: dict[str, Any], settings: Settings, field: str) -> None:
-    from app.ml.tokenizer import ensure_harmony_assets
-
-    ensure_harmony_assets(settings.models_path)  # the offline o200k_harmony files the renderer reads
-    try:
-        encode_examples(
-            examples,
-            max_seq_length=config["max_seq_length"],
-            default_effort=config["reasoning_effort"],
-            train_on_reasoning=config["train_on_reasoning"],
-        )
-    except DatasetError as err:
-        raise DatasetInvalid(field, str(err), row=err.row or None) from None
-
-
-def load_dataset(source: str, settings: Settings, *, field: str = "dataset") -> list[Any]:
-    try:
-        rows = load_rows(
-            source,
-            data_dir=settings.data_dir,
-            max_rows=settings.max_dataset_rows,
-            max_bytes=settings.max_upload_bytes,
-        )
-        return list(validate_rows(rows, max_rows=settings.max_dataset_rows))
-    except DatasetError as err:
-        # Whole-file problems (row 0) read better without the "field 'dataset'" preamble.
-        raise DatasetInvalid(field, str(err) if err.row else err.reason, row=err.row or None) from None

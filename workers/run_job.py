@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from app import queue
+from app import datasets, queue
 from app.config import Settings, get_settings
 from app.db import make_engine
 from app.exceptions import ServiceError
@@ -132,9 +132,9 @@ def train_job(settings: Settings, engine: Engine, job: Job, hooks: JobHooks) -> 
     }
     if (output_dir / "manifest.json").is_file():  # an earlier attempt finished the files, then died
         return {**done, "backend": json.loads((output_dir / "manifest.json").read_text()).get("backend")}
-    with Session(engine) as session:
-        source, _ = queue.resolve_dataset(session, job.dataset)
-    config = TrainConfig(**{**job.config, "dataset": source})
+    with Session(engine) as session:  # the job stores references; the data is read from these sources
+        sources = datasets.resolve_sources(session, job.config)
+    config = TrainConfig(**{**job.config, **sources})
     # load_base picks the backend with this same function; recording it before the (long) load
     # means running, failed and cancelled jobs show it too, not only succeeded ones.
     hooks.on_backend(pick_backend(config.backend))
