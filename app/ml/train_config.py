@@ -61,12 +61,12 @@ class Hyperparameters(BaseModel):
         0.0, ge=0.0, le=0.5, description="dropout on the LoRA input; PEFT's expert LoRA needs 0"
     )
     target_modules: list[str] = Field(
-        default_factory=lambda: list(ATTENTION_TARGETS),
+        list(ATTENTION_TARGETS),  # a plain default (pydantic copies it per instance) shows in the schema
         max_length=16,
         description="nn.Linear modules that get LoRA",
     )
     target_parameters: list[str] = Field(
-        default_factory=lambda: list(EXPERT_TARGETS),
+        list(EXPERT_TARGETS),
         max_length=16,
         description="3-D MoE expert parameters that get LoRA",
     )
