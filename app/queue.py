@@ -152,6 +152,16 @@ def metrics_at(session: Session, job_id: str, steps: list[int]) -> dict[int, dic
     return {row.step: row.data for row in rows if row.step is not None and row.data is not None}
 
 
+def metrics_series(session: Session, job_id: str) -> list[tuple[int, dict[str, Any]]]:
+    """Every training metrics record of a job as (step, data), in the order they were written."""
+    query = (
+        select(JobEvent.step, JobEvent.data)
+        .where(JobEvent.job_id == job_id, JobEvent.kind == "metrics", JobEvent.step.is_not(None))
+        .order_by(JobEvent.id)
+    )
+    return [(step, data or {}) for step, data in session.execute(query)]
+
+
 def jobs_using_file(session: Session, file_id: str) -> Sequence[str]:
     """Active jobs that read this upload, as their dataset or as hyperparameters.eval_dataset (both
     hold the file id: app.datasets resolves it to the stored path only when the data is read)."""
