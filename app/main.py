@@ -19,7 +19,7 @@ if os.environ.get("GPTOSS_BACKEND", "auto").strip().lower() != "hf":
     import_unsloth_first()  # a no-op without CUDA or without the unsloth package
 
 from app import observability  # noqa: E402
-from app.api.routes import adapters, files, generate, health, jobs, openai_compat, plots
+from app.api.routes import adapters, console, docs, files, generate, health, jobs, openai_compat, plots
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker, upgrade_to_head
 from app.exceptions import Busy, ServiceError
@@ -94,13 +94,20 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(title="gpt-oss tuner", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="gpt-oss tuner",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # app.api.routes.docs serves /docs and /redoc with local assets (no CDN)
+        redoc_url=None,
+    )
     app.state.settings = settings
     app.state.db = make_engine(settings)
     app.state.sessionmaker = make_sessionmaker(app.state.db)
     app.state.write_sessionmaker = make_sessionmaker(app.state.db, immediate=True)
     _install_error_handlers(app)
-    for module in (health, files, jobs, adapters, generate, openai_compat, plots):
+    for module in (health, files, jobs, adapters, generate, openai_compat, plots, docs, console):
         app.include_router(module.router)
     observability.install(app, settings)
     return app
