@@ -517,7 +517,7 @@ function jobPage(main, jobId, signal) {
         h(
           "div",
           { class: `event kind-${e.kind}` },
-          h("span", { class: "time" }, parseTime(e.created_at).toLocaleTimeString()),
+          h("span", { class: "time" }, parseTime(e.created_at).toLocaleTimeString([], { hour12: false })),
           h("span", { class: "kind" }, e.kind),
           h("span", { class: "text" }, eventText(e)),
         ),
@@ -624,16 +624,19 @@ function drawChart(width, height, job, train, evals, lr) {
   const yr = (v) => m.top + ht - (v / lrMax) * ht;
 
   const grid = svg("g", { class: "grid" });
-  for (const t of niceTicks(lo, hi, 5)) {
+  const lossTicks = niceTicks(lo, hi, 5);
+  // As many decimals as the tick spacing needs, so neighbouring ticks never print alike.
+  const decimals = lossTicks.length > 1 ? Math.max(0, Math.ceil(-Math.log10(lossTicks[1] - lossTicks[0]) + 0.01)) : 2;
+  for (const t of lossTicks) {
     grid.append(svg("line", { x1: m.left, x2: m.left + w, y1: y(t), y2: y(t) }));
-    grid.append(svg("text", { x: m.left - 8, y: y(t) + 4, "text-anchor": "end", text: num(t, 3) }));
+    grid.append(svg("text", { x: m.left - 8, y: y(t) + 4, "text-anchor": "end", text: t.toFixed(Math.min(6, decimals)) }));
   }
   for (const t of niceTicks(0, maxStep, Math.min(8, maxStep)).filter((t) => Number.isInteger(t))) {
     grid.append(svg("text", { x: x(t), y: m.top + ht + 18, "text-anchor": "middle", text: String(t) }));
   }
   if (lrPts.length) {
     for (const t of niceTicks(0, lrMax, 4)) {
-      grid.append(svg("text", { x: m.left + w + 8, y: yr(t) + 4, class: "lr-axis", text: num(t, 2) }));
+      grid.append(svg("text", { x: m.left + w + 8, y: yr(t) + 4, class: "lr-axis", text: t === 0 ? "0" : t < 0.01 ? t.toExponential(1) : num(t, 2) }));
     }
   }
   root.append(grid);
@@ -735,7 +738,7 @@ function dataPage(main, signal) {
           h("form", { class: "upload", onsubmit: (e) => (e.preventDefault(), upload()) }, fileInput, uploadButton),
           uploadResult,
         ),
-        card("Uploaded files", filesTable, filesEmpty),
+        card("Uploaded files", h("div", { class: "table-wrap" }, filesTable), filesEmpty),
       ),
       h("div", { class: "col" }, card("Start a job", jobForm)),
     ),
