@@ -817,7 +817,7 @@ function datasetError(filename, err) {
   if (err.row || match) {
     box.append(
       h("strong", {}, `${filename} was refused: row ${err.row || match[1]}`),
-      match ? h("span", {}, ", field ", h("code", { class: "field" }, match[2])) : null,
+      match ? h("span", {}, ", field ", h("code", { class: "fieldname" }, match[2])) : null,
       h("div", { class: "reason" }, match ? match[3] : err.message),
       h("div", { class: "sub" }, "Nothing was stored. Fix the row (line numbers count from 1) and upload again."),
     );
