@@ -73,7 +73,7 @@ def france_rows() -> list[str]:
 def browser() -> Iterator[Any]:
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1360,900"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1360,1000"):
         options.add_argument(arg)
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
     try:
@@ -93,6 +93,7 @@ def css(driver: Any, selector: str) -> list[Any]:
 
 def shot(driver: Any, name: str) -> None:
     if SCREENSHOTS:
+        driver.execute_script("window.scrollTo(0, 0)")
         Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(Path(SCREENSHOTS) / name))
 

@@ -712,7 +712,7 @@ function dataPage(main, signal) {
   const filesTable = h(
     "table",
     { class: "table compact", hidden: true },
-    h("thead", {}, h("tr", {}, ["File", "Name", "Rows", "Size", "Uploaded", ""].map((t) => h("th", { text: t })))),
+    h("thead", {}, h("tr", {}, ["File", "Rows", "Size", "Uploaded", ""].map((t) => h("th", { text: t })))),
     filesBody,
   );
   const datasetSelect = h("select", { id: "job-dataset", name: "dataset" });
@@ -723,10 +723,7 @@ function dataPage(main, signal) {
     h(
       "div",
       { class: "grid data-grid" },
-      h(
-        "div",
-        { class: "col" },
-        card(
+      card(
           "Upload a dataset",
           h(
             "p",
@@ -737,10 +734,9 @@ function dataPage(main, signal) {
           ),
           h("form", { class: "upload", onsubmit: (e) => (e.preventDefault(), upload()) }, fileInput, uploadButton),
           uploadResult,
-        ),
-        card("Uploaded files", h("div", { class: "table-wrap" }, filesTable), filesEmpty),
       ),
-      h("div", { class: "col" }, card("Start a job", jobForm)),
+      card("Uploaded files", h("div", { class: "table-wrap" }, filesTable), filesEmpty),
+      h("div", { class: "wide" }, card("Start a job", jobForm)),
     ),
   );
 
@@ -789,8 +785,7 @@ function dataPage(main, signal) {
         h(
           "tr",
           {},
-          h("td", { class: "mono" }, f.id),
-          h("td", {}, f.filename),
+          h("td", {}, f.filename, h("div", { class: "sub mono" }, f.id)),
           h("td", { class: "num" }, f.rows),
           h("td", { class: "num" }, bytes(f.bytes)),
           h("td", {}, ago(f.created_at)),
@@ -994,7 +989,7 @@ function hyperField(name, s, required) {
       return [v !== def, v];
     };
   } else if (s.type === "array") {
-    input = h("input", { id, name, placeholder: "comma-separated; empty = none" });
+    input = h("input", { id, name, placeholder: Array.isArray(def) ? "comma-separated; empty = none" : "the server's default; or a comma-separated list" });
     const initial = Array.isArray(def) ? def.join(", ") : "";
     input.value = initial;
     input.addEventListener("input", () => (input.dataset.dirty = "1"));
