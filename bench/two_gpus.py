@@ -3,7 +3,8 @@
     python -m bench.two_gpus --model /path/to/gpt-oss-20b-random --models-dir M --out OUT [--steps 60]
 
 1. migrate a fresh data dir; start `python -m workers.worker --gpu 0` and `--gpu 1` and the API
-   (uvicorn; it loads no model: this measures training, and the API's copy would only share GPU 0);
+   (uvicorn, kept off the GPUs: it loads no model, since this measures training and a copy of the
+   base in the API would only share GPU 0 with one of the jobs);
 2. baseline: one job alone (whichever worker claims it; its GPU is in its worker id);
 3. two identical jobs submitted together: each worker claims one, each trains on its own GPU;
    nvidia-smi is sampled meanwhile, so the result shows which GPU held which training process.
@@ -67,7 +68,7 @@ class Service:
                 f"worker{gpu}", ["-m", "workers.worker", "--gpu", str(gpu), "--worker-id", f"gpu{gpu}"]
             )
         api = ["-m", "uvicorn", "app.main:app_from_env", "--factory", "--port", str(self.port)]
-        self._spawn("api", [*api, "--log-level", "warning"])
+        self._spawn("api", [*api, "--log-level", "warning"], CUDA_VISIBLE_DEVICES="")
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             self.check_alive()
@@ -79,10 +80,10 @@ class Service:
             time.sleep(0.5)
         raise TimeoutError("the API did not answer /healthz in 120 s; see api.log")
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _spawn(self, name: str, args: list[str], **env: str) -> None:
         log = open(self.out / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         self.procs[name] = subprocess.Popen(
-            [sys.executable, *args], env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, *args], env={**self.env, **env}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
         )
 
     def check_alive(self) -> None:
