@@ -19,7 +19,7 @@ if os.environ.get("GPTOSS_BACKEND", "auto").strip().lower() != "hf":
     import_unsloth_first()  # a no-op without CUDA or without the unsloth package
 
 from app import observability  # noqa: E402
-from app.api.routes import adapters, files, generate, health, jobs, openai_compat, plots
+from app.api.routes import adapters, files, generate, health, jobs, openai_compat, openai_ft, plots
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker, upgrade_to_head
 from app.exceptions import Busy, ServiceError
@@ -100,7 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessionmaker = make_sessionmaker(app.state.db)
     app.state.write_sessionmaker = make_sessionmaker(app.state.db, immediate=True)
     _install_error_handlers(app)
-    for module in (health, files, jobs, adapters, generate, openai_compat, plots):
+    for module in (health, files, jobs, adapters, generate, openai_compat, openai_ft, plots):
         app.include_router(module.router)
     observability.install(app, settings)
     return app
