@@ -27,6 +27,8 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from fastapi import APIRouter, Form, Header, Query, Request, Response, UploadFile
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from app.api.deps import ReadKey, SessionDep, SettingsDep, TrainKey, WriteSessionDep
 from app.api.routes import adapters, files, jobs
@@ -34,6 +36,7 @@ from app.api.routes.openai_compat import OpenAIRoute, unix_time
 from app.api.routes.openai_compat import _model_object as model_object
 from app.exceptions import InvalidInput, NotFound, ServiceError
 from app.ml.trainer import TrainConfig
+from app.models import FileRecord
 from app.schemas import CheckpointPublic, FilePublic, JobCreate, JobEventPublic, JobPublic
 
 T = TypeVar("T")
@@ -379,8 +382,11 @@ def openai_hyperparameters(config: dict[str, Any]) -> OpenAIHyperparameters:
     )
 
 
-def job_object(job: JobPublic, *, now: float | None = None) -> FineTuningJob:
-    """A native job as OpenAI's fine_tuning.job. `now` (Unix seconds) dates estimated_finish."""
+def job_object(
+    job: JobPublic, *, now: float | None = None, validation_file: str | None = None
+) -> FineTuningJob:
+    """A native job as OpenAI's fine_tuning.job. `now` (Unix seconds) dates estimated_finish;
+    `validation_file` names an uploaded eval_dataset, which the config holds as its server path."""
     hyperparameters = openai_hyperparameters(job.hyperparameters)
     adapter = job.adapter
     trained = (adapter.manifest.get("metrics") or {}).get("tokens") if adapter else None
@@ -398,7 +404,7 @@ def job_object(job: JobPublic, *, now: float | None = None) -> FineTuningJob:
         status=job.status,
         trained_tokens=int(trained) if trained is not None else None,
         training_file=job.file_id or job.dataset,
-        validation_file=_validation_file(job.hyperparameters.get("eval_dataset")),
+        validation_file=validation_file or _validation_file(job.hyperparameters.get("eval_dataset")),
         estimated_finish=int((now or time.time()) + (job.eta_s or 0)) if running else None,
         metadata=job.metadata or None,
         user_provided_suffix=job.name,
@@ -595,7 +601,15 @@ def create_job(
     except ServiceError as exc:
         raise in_client_terms(exc, wanted) from None
     response.status_code = 200  # OpenAI answers 200, repeat or not
-    return job_object(job)
+    return _job_object(session, job)
+
+
+def _job_object(session: Session, job: JobPublic) -> FineTuningJob:
+    eval_dataset = job.hyperparameters.get("eval_dataset")
+    upload = (
+        session.scalar(select(FileRecord.id).where(FileRecord.path == eval_dataset)) if eval_dataset else None
+    )
+    return job_object(job, validation_file=upload)
 
 
 @router.get("/fine_tuning/jobs", response_model=OpenAIList[FineTuningJob])
@@ -607,19 +621,19 @@ def list_jobs(
 ) -> OpenAIList[FineTuningJob]:
     """Jobs, newest first."""
     page = jobs.list_jobs(session, key, status_=None, after=after, limit=min(limit, PAGE_MAX))
-    return listing([job_object(job) for job in page["data"]], page["has_more"])
+    return listing([_job_object(session, job) for job in page["data"]], page["has_more"])
 
 
 @router.get("/fine_tuning/jobs/{job_id}", response_model=FineTuningJob)
 def retrieve_job(job_id: str, session: SessionDep, key: ReadKey) -> FineTuningJob:
     """A job's status, fine_tuned_model once it succeeded, error once it failed."""
-    return job_object(jobs.get_job(job_id, session, key))
+    return _job_object(session, jobs.get_job(job_id, session, key))
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel", response_model=FineTuningJob)
 def cancel_job(job_id: str, session: WriteSessionDep, key: TrainKey) -> FineTuningJob:
     """Cancel: a queued job at once; a running one within seconds (it reads `running` until then)."""
-    return job_object(jobs.cancel_job(job_id, session, key))
+    return _job_object(session, jobs.cancel_job(job_id, session, key))
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events", response_model=OpenAIList[FineTuningJobEvent])
