@@ -147,12 +147,22 @@ def list_jobs(
 
 
 def list_events(
-    session: Session, job_id: str, *, after: int, limit: int, kind: str | None
+    session: Session,
+    job_id: str,
+    *,
+    after: int | None,
+    limit: int,
+    kind: str | None,
+    newest_first: bool = False,
 ) -> tuple[list[JobEvent], bool]:
-    query = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
+    """Oldest first (the native route), or newest first (OpenAI's order); `after` is the last id seen."""
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
+    if after is not None:
+        query = query.where(JobEvent.id < after if newest_first else JobEvent.id > after)
     if kind:
         query = query.where(JobEvent.kind == kind)
-    rows = list(session.scalars(query.order_by(JobEvent.id).limit(limit + 1)))
+    order = JobEvent.id.desc() if newest_first else JobEvent.id.asc()
+    rows = list(session.scalars(query.order_by(order).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
 
 

@@ -299,7 +299,7 @@ def test_status_and_log_events_are_messages() -> None:
 
 
 def test_event_cursor_round_trips() -> None:
-    assert native_event_id(None) == 0 and native_event_id("ftevent-42") == 42
+    assert native_event_id(None) is None and native_event_id("ftevent-42") == 42
     with pytest.raises(InvalidInput) as err:
         native_event_id("ftjob_1")
     assert err.value.field == "after"

@@ -132,10 +132,12 @@ def test_upload_train_poll_and_chat_with_the_official_client(
 
     events = list(reader.fine_tuning.jobs.list_events(job.id, limit=3))
     assert all(e.object == "fine_tuning.job.event" and e.id.startswith("ftevent-") for e in events)
+    numbers = [int(e.id.removeprefix("ftevent-")) for e in events]
+    assert numbers == sorted(numbers, reverse=True) and len(set(numbers)) == len(numbers)  # newest first
+    assert events[0].message.startswith("succeeded") and events[-1].message == "queued"
     steps = [data(e)["step"] for e in events if e.type == "metrics" and data(e).get("train_loss") is not None]
-    assert sorted(steps) == [1, 2, 3, 4] and len(set(e.id for e in events)) == len(events)
+    assert sorted(steps) == [1, 2, 3, 4]
     assert any(e.type == "metrics" and data(e).get("valid_loss") is not None for e in events)
-    assert any(e.type == "message" and e.message.startswith("succeeded") for e in events)
 
     checkpoints = list(reader.fine_tuning.jobs.checkpoints.list(job.id))
     assert [c.step_number for c in checkpoints] == [4]

@@ -15,6 +15,8 @@ Where this server differs from OpenAI, and why:
 - `result_files` is empty: the per-step metrics are the `metrics` events and the checkpoints' metrics.
 - `fine_tuned_model_checkpoint` names a checkpoint folder of the job; only the final adapter (the
   job's `fine_tuned_model`) is registered for inference.
+- Lists page as OpenAI's do (the client passes the last id as `after`): jobs, files, events and
+  checkpoints newest first; at most 100 per page (1000 events), `has_more` tells of the rest.
 - Invalid parameters are 400 here, as at OpenAI (the client raises BadRequestError); the native
   routes, and /v1/chat/completions, answer 422.
 """
@@ -30,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app import queue
 from app.api.deps import ReadKey, SessionDep, SettingsDep, TrainKey, WriteSessionDep
 from app.api.routes import adapters, files, jobs
 from app.api.routes.openai_compat import OpenAIRoute, unix_time
@@ -465,10 +468,10 @@ def event_id(native: int) -> str:
     return f"ftevent-{native}"
 
 
-def native_event_id(after: str | None) -> int:
-    """The native cursor (0 = from the start) for an OpenAI `after`."""
+def native_event_id(after: str | None) -> int | None:
+    """The native event id for an OpenAI `after` (None: from the newest)."""
     if after is None:
-        return 0
+        return None
     number = after.removeprefix("ftevent-")
     if not number.isdigit():
         raise InvalidInput(
@@ -644,12 +647,12 @@ def list_events(
     after: Annotated[str | None, Query(description="Last event id of the previous page.")] = None,
     limit: Annotated[int, Query(ge=1)] = 20,
 ) -> OpenAIList[FineTuningJobEvent]:
-    """Status changes and log lines (type message), per-step losses (type metrics)."""
-    page = jobs.job_events(
-        job_id, session, key, after=native_event_id(after), limit=min(limit, 1000), kind=None
+    """Status changes and log lines (type message), per-step losses (type metrics); newest first."""
+    jobs.get_job(job_id, session, key)
+    rows, has_more = queue.list_events(
+        session, job_id, after=native_event_id(after), limit=min(limit, 1000), kind=None, newest_first=True
     )
-    data = [event_object(JobEventPublic.model_validate(row)) for row in page["data"]]
-    return listing(data, page["has_more"])
+    return listing([event_object(JobEventPublic.model_validate(row)) for row in rows], has_more)
 
 
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints", response_model=OpenAIIdList[FineTuningJobCheckpoint])
