@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from app import queue
+from app import adapter_folder, queue
 from app.config import Settings, get_settings
 from app.db import make_engine
 from app.exceptions import ServiceError
@@ -130,8 +130,8 @@ def train_job(settings: Settings, engine: Engine, job: Job, hooks: JobHooks) -> 
         "adapter_name": adapter_name,
         "adapter_path": str(output_dir.resolve()),
     }
-    if (output_dir / "manifest.json").is_file():  # an earlier attempt finished the files, then died
-        return {**done, "backend": json.loads((output_dir / "manifest.json").read_text()).get("backend")}
+    if adapter_folder.is_complete(output_dir):  # an earlier attempt finished the files, then died
+        return {**done, "backend": adapter_folder.read_manifest(output_dir).get("backend")}
     with Session(engine) as session:
         source, _ = queue.resolve_dataset(session, job.dataset)
     config = TrainConfig(**{**job.config, "dataset": source})

@@ -6,18 +6,16 @@ assistant's tokens only. Whether the reasoning (analysis channel) is trained is
 ``train_on_reasoning`` (default on: the Multilingual-Thinking recipe teaches the reasoning too).
 
 Checkpoints go to ``work_dir/checkpoints`` every ``save_steps``; ``train`` resumes from the newest
-one. The adapter is written to a temp folder beside ``output_dir`` and renamed into place.
+one. The adapter folder is written by ``app.adapter_folder.write_adapter`` (temp folder beside
+``output_dir``, renamed into place).
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import os
 import platform
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app import adapter_folder
 from app.config import GPU_DEFAULT_MODEL_ID, TINY_MODEL_ID
 from app.ml.data import DatasetError, Example, dataset_fingerprint, encode_examples, load_rows, validate_rows
 from app.ml.harmony import ReasoningEffort
@@ -41,7 +40,6 @@ from app.ml.modeling import (
 )
 from app.ml.tokenizer import ensure_harmony_assets
 
-MANIFEST = "manifest.json"
 # Schedules that need nothing beyond warmup_steps (reduce_lr_on_plateau, cosine_with_min_lr and
 # warmup_stable_decay need extra arguments this config does not carry).
 SchedulerName = Literal[
@@ -543,23 +541,14 @@ def _manifest(
 
 
 def write_adapter(model: Any, tokenizer: Any, manifest: dict, output_dir: Path) -> Path:
-    """Save into a temp folder beside ``output_dir``, then rename: readers never see half an adapter.
-    An existing ``output_dir`` (re-running the CLI) is replaced."""
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir.parent / f".{output_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        if output_dir.exists():
-            old = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(output_dir, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.rename(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return output_dir
+    """The PEFT weights, the tokenizer and the manifest, as one folder renamed into place at
+    ``output_dir`` (an existing one, from re-running the CLI, is replaced)."""
+
+    def save(folder: Path) -> None:
+        model.save_pretrained(str(folder))
+        tokenizer.save_pretrained(str(folder))
+
+    return adapter_folder.write_adapter(Path(output_dir), save, manifest)
 
 
 def _final_metrics(trainer: Any) -> dict[str, Any]:
