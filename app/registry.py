@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from app import adapter_folder
 from app.exceptions import Conflict, NotFound
 from app.models import Adapter
+from app.pagination import PageRows, paginate
 
 
 def find_adapter(session: Session, ref: str) -> Adapter:
@@ -27,12 +28,13 @@ def find_adapter(session: Session, ref: str) -> Adapter:
     return adapter
 
 
-def list_adapters(session: Session, *, after: str | None = None, limit: int = 100) -> list[Adapter]:
+def get_adapter(session: Session, adapter_id: str) -> Adapter | None:
+    return session.get(Adapter, adapter_id)
+
+
+def list_adapters(session: Session, *, after: str | None = None, limit: int = 100) -> PageRows:
     """Newest first; `after` is the last id of the previous page."""
-    query = select(Adapter).order_by(Adapter.id.desc()).limit(limit)
-    if after:
-        query = query.where(Adapter.id < after)
-    return list(session.scalars(query))
+    return paginate(session, select(Adapter), Adapter.id, after=after, limit=limit)
 
 
 def register_adapter(

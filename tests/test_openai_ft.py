@@ -26,7 +26,7 @@ from app.api.routes.openai_ft import (
     native_event_id,
 )
 from app.exceptions import InvalidInput, NotFound
-from app.ml.trainer import TrainConfig
+from app.ml.train_config import Hyperparameters, TrainConfig
 from app.schemas import (
     AdapterPublic,
     CheckpointPublic,
@@ -37,7 +37,7 @@ from app.schemas import (
     JobPublic,
 )
 
-BASE_LR = TrainConfig.model_fields["learning_rate"].default
+BASE_LR = Hyperparameters.model_fields["learning_rate"].default
 CREATED = datetime(2026, 1, 2, 3, 4, 5)  # naive UTC, as SQLite hands it back
 CREATED_UNIX = int(CREATED.replace(tzinfo=UTC).timestamp())
 
@@ -47,7 +47,7 @@ def request(**fields: Any) -> FineTuningJobCreate:
 
 
 def hyperparameters(**fields: Any) -> dict[str, Any]:
-    return job_request(request(**fields)).body.hyperparameters
+    return job_request(request(**fields)).body.hyperparameters.model_dump(exclude_unset=True)
 
 
 def refused(**fields: Any) -> InvalidInput:
@@ -74,7 +74,7 @@ def test_request_fields_map_onto_the_native_job() -> None:
     ).body
     assert body.base_model == "tiny-gpt-oss" and body.dataset == "file_1"
     assert body.suffix == "pirate" and body.seed == 7 and body.metadata == {"team": "a"}
-    assert body.hyperparameters == {"eval_dataset": "sample:capitals.heldout"}
+    assert body.hyperparameters.model_dump(exclude_unset=True) == {"eval_dataset": "sample:capitals.heldout"}
 
 
 def test_auto_hyperparameters_leave_this_services_defaults() -> None:
@@ -143,24 +143,48 @@ def test_what_cannot_be_honoured_is_refused_by_its_openai_name(
     assert err.field == param and words in err.message and err.message.startswith(f"{param}: ")
 
 
+def test_hyperparameter_limits_are_reported_by_the_openai_name() -> None:
+    """The typed Hyperparameters model checks the limits; the client hears about the value it sent."""
+    too_many = refused(hyperparameters={"n_epochs": 500})
+    assert too_many.field == "hyperparameters.n_epochs"
+    assert (
+        str(too_many)
+        == too_many.message
+        == "hyperparameters.n_epochs: Input should be less than or equal to 100"
+    )
+    too_fast = refused(hyperparameters={"learning_rate_multiplier": 100})
+    assert too_fast.field == LR_MULT and f"gives learning_rate {100 * BASE_LR:g}" in too_fast.message
+    typo = refused(hyperparameters={"lora_rank": 8})
+    assert typo.field == "hyperparameters.lora_rank" and "Extra inputs are not permitted" in typo.message
+
+
 def test_native_errors_are_renamed_to_the_params_the_client_sent() -> None:
-    wanted = job_request(request(hyperparameters={"learning_rate_multiplier": 100, "n_epochs": 500}))
-    lr = in_client_terms(InvalidInput("hyperparameters.learning_rate", "must be at most 0.01"), wanted)
+    wanted = job_request(request(hyperparameters={"learning_rate_multiplier": 10, "n_epochs": 50}))
+    lr = in_client_terms(
+        InvalidInput("hyperparameters.learning_rate", "must be at most 0.01"), wanted.params, wanted.notes
+    )
     assert lr.field == "hyperparameters.learning_rate_multiplier"
     assert lr.message == (
-        f"hyperparameters.learning_rate_multiplier: gives learning_rate {100 * BASE_LR:g} "
-        f"(100 x {BASE_LR:g}): must be at most 0.01"
+        f"hyperparameters.learning_rate_multiplier: gives learning_rate {10 * BASE_LR:g} "
+        f"(10 x {BASE_LR:g}): must be at most 0.01"
     )
-    epochs = in_client_terms(InvalidInput("hyperparameters.num_train_epochs", "must be at most 100"), wanted)
+    epochs = in_client_terms(
+        InvalidInput("hyperparameters.num_train_epochs", "must be at most 100"), wanted.params, wanted.notes
+    )
     assert (epochs.field, epochs.message) == (
         "hyperparameters.n_epochs",
         "hyperparameters.n_epochs: must be at most 100",
     )
-    missing = in_client_terms(NotFound("file 'file_1' does not exist", field="dataset"), wanted)
+    missing = in_client_terms(
+        NotFound("file 'file_1' does not exist", field="dataset"), wanted.params, wanted.notes
+    )
     assert isinstance(missing, NotFound) and missing.field == "training_file"
     assert missing.message == "training_file: file 'file_1' does not exist"
     other = InvalidInput("hyperparameters.lora_r", "must be at least 1")
-    assert in_client_terms(other, wanted) is other and other.field == "hyperparameters.lora_r"
+    assert (
+        in_client_terms(other, wanted.params, wanted.notes) is other
+        and other.field == "hyperparameters.lora_r"
+    )
 
 
 # --- ours -> OpenAI objects ------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from app.config import Settings, get_settings
 from app.db import ROOT, make_engine, make_sessionmaker, upgrade_to_head
 from app.exceptions import ServiceError, TransitionError
 from app.logs import configure_logging, log_context
-from app.models import Job
+from app.models import Job, JobStatus
 
 log = logging.getLogger("workers.worker")
 
@@ -230,9 +230,9 @@ class Worker:
     ) -> None:
         result = result or {}
         status = result.get("status")
-        if status == "succeeded":
+        if status == JobStatus.SUCCEEDED:
             self._succeed(session, job, result)
-        elif status == "failed":
+        elif status == JobStatus.FAILED:
             queue.finish_failed(
                 session, job.id, self.worker_id, code=result["code"], message=result["message"]
             )

@@ -23,9 +23,7 @@ def list_adapters(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict[str, Any]:
     """Adapters, newest first."""
-    rows = registry.list_adapters(session, after=after, limit=limit + 1)
-    data = rows[:limit]
-    return {"data": data, "has_more": len(rows) > limit, "next_cursor": data[-1].id if data else None}
+    return registry.list_adapters(session, after=after, limit=limit).as_page()
 
 
 @router.get("/{ref}", response_model=AdapterPublic)

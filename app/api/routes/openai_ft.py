@@ -29,8 +29,6 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from fastapi import APIRouter, Form, Header, Query, Request, Response, UploadFile
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from app import queue
 from app.api.deps import ReadKey, SessionDep, SettingsDep, TrainKey, WriteSessionDep
@@ -38,17 +36,16 @@ from app.api.routes import adapters, files, jobs
 from app.api.routes.openai_compat import OpenAIRoute, unix_time
 from app.api.routes.openai_compat import _model_object as model_object
 from app.exceptions import InvalidInput, NotFound, ServiceError
-from app.ml.trainer import TrainConfig
-from app.models import FileRecord
+from app.ml.train_config import Hyperparameters
 from app.schemas import CheckpointPublic, FilePublic, JobCreate, JobEventPublic, JobPublic
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 FINE_TUNE = "fine-tune"
-# The three hyperparameters OpenAI defines; every other key is one of our TrainConfig fields.
+# The three hyperparameters OpenAI defines; every other key is one of our Hyperparameters.
 OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
-# Config fields a response must not show: server paths and limits, or fields shown at the top level.
-_HIDDEN_CONFIG = {"base_model", "dataset", "eval_dataset", "seed", "max_rows", "max_bytes"}
+# The client's own options come back in `hyperparameters`; eval_dataset comes back as validation_file.
+_SHOWN_CONFIG = [name for name in Hyperparameters.model_fields if name != "eval_dataset"]
 # Our request fields under OpenAI's names, for error `param`s.
 _REQUEST_FIELDS = {
     "base_model": "model",
@@ -58,7 +55,7 @@ _REQUEST_FIELDS = {
 
 
 def _default(field: str) -> Any:
-    return TrainConfig.model_fields[field].default
+    return Hyperparameters.model_fields[field].default
 
 
 # --- response shapes (openai/types/file_object.py, openai/types/fine_tuning/*.py) ------------------------
@@ -183,7 +180,7 @@ class OpenAIIdList(OpenAIList[T], Generic[T]):
 class FineTuningJobCreate(BaseModel):
     """OpenAI's job-create body. `hyperparameters` (or `method.supervised.hyperparameters`) takes
     n_epochs, batch_size and learning_rate_multiplier ("auto" = this service's defaults) and any
-    training option of TrainConfig (lora_r, target_modules, max_steps, ...)."""
+    training option of app.ml.train_config.Hyperparameters (lora_r, target_modules, max_steps...)."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -253,7 +250,7 @@ def job_request(req: FineTuningJobCreate) -> JobRequest:
     except ValidationError as err:
         first = err.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        raise InvalidInput(params.get(field, field), first["msg"]) from None
+        raise in_client_terms(InvalidInput(field, first["msg"]), params, notes) from None
     return JobRequest(body=body, params=params, notes=notes)
 
 
@@ -348,15 +345,16 @@ def _learning_rate(
     return {"learning_rate": value * base}
 
 
-def in_client_terms(exc: ServiceError, request: JobRequest) -> ServiceError:
-    """The error with our field names replaced by the OpenAI params the client sent."""
-    if exc.field not in request.params:
+def in_client_terms(exc: ServiceError, params: dict[str, str], notes: dict[str, str]) -> ServiceError:
+    """The error with our field name replaced by the OpenAI param the client sent (`params`), and
+    how we derived the refused value from it (`notes`)."""
+    if exc.field not in params:
         return exc
-    param = request.params[exc.field]
-    note = request.notes.get(exc.field)
+    param = params[exc.field]
+    note = notes.get(exc.field)
     detail = exc.message.removeprefix(f"{exc.field}: ")
     exc.message = f"{param}: {note + ': ' if note else ''}{detail}"
-    exc.field = param
+    exc.field, exc.args = param, (exc.message,)
     return exc
 
 
@@ -381,15 +379,12 @@ def openai_hyperparameters(config: dict[str, Any]) -> OpenAIHyperparameters:
         else None,
         batch_size=config["per_device_train_batch_size"] * config["gradient_accumulation_steps"],
         learning_rate_multiplier=round(config["learning_rate"] / _default("learning_rate"), 6),
-        **{k: v for k, v in config.items() if k not in _HIDDEN_CONFIG},
+        **{name: config[name] for name in _SHOWN_CONFIG if name in config},
     )
 
 
-def job_object(
-    job: JobPublic, *, now: float | None = None, validation_file: str | None = None
-) -> FineTuningJob:
-    """A native job as OpenAI's fine_tuning.job. `now` (Unix seconds) dates estimated_finish;
-    `validation_file` names an uploaded eval_dataset, which the config holds as its server path."""
+def job_object(job: JobPublic, *, now: float | None = None) -> FineTuningJob:
+    """A native job as OpenAI's fine_tuning.job. `now` (Unix seconds) dates estimated_finish."""
     hyperparameters = openai_hyperparameters(job.hyperparameters)
     adapter = job.adapter
     trained = (adapter.manifest.get("metrics") or {}).get("tokens") if adapter else None
@@ -407,7 +402,7 @@ def job_object(
         status=job.status,
         trained_tokens=int(trained) if trained is not None else None,
         training_file=job.file_id or job.dataset,
-        validation_file=validation_file or _validation_file(job.hyperparameters.get("eval_dataset")),
+        validation_file=job.hyperparameters.get("eval_dataset"),  # a reference: file id or sample:<name>
         estimated_finish=int((now or time.time()) + (job.eta_s or 0)) if running else None,
         metadata=job.metadata or None,
         user_provided_suffix=job.name,
@@ -419,13 +414,6 @@ def _job_error(job: JobPublic) -> FineTuningError | None:
         return None
     param = "training_file" if job.error.code == "invalid_dataset" else None
     return FineTuningError(code=job.error.code, message=job.error.message, param=param)
-
-
-def _validation_file(eval_dataset: str | None) -> str | None:
-    """The reference the client gave; a resolved server path is never shown."""
-    if eval_dataset is None or eval_dataset.startswith("/"):
-        return None
-    return eval_dataset
 
 
 def event_object(event: JobEventPublic) -> FineTuningJobEvent:
@@ -602,17 +590,9 @@ def create_job(
     try:
         job = jobs.create_job(wanted.body, request, response, session, settings, key, idempotency_key)
     except ServiceError as exc:
-        raise in_client_terms(exc, wanted) from None
+        raise in_client_terms(exc, wanted.params, wanted.notes) from None
     response.status_code = 200  # OpenAI answers 200, repeat or not
-    return _job_object(session, job)
-
-
-def _job_object(session: Session, job: JobPublic) -> FineTuningJob:
-    eval_dataset = job.hyperparameters.get("eval_dataset")
-    upload = (
-        session.scalar(select(FileRecord.id).where(FileRecord.path == eval_dataset)) if eval_dataset else None
-    )
-    return job_object(job, validation_file=upload)
+    return job_object(job)
 
 
 @router.get("/fine_tuning/jobs", response_model=OpenAIList[FineTuningJob])
@@ -624,19 +604,19 @@ def list_jobs(
 ) -> OpenAIList[FineTuningJob]:
     """Jobs, newest first."""
     page = jobs.list_jobs(session, key, status_=None, after=after, limit=min(limit, PAGE_MAX))
-    return listing([_job_object(session, job) for job in page["data"]], page["has_more"])
+    return listing([job_object(job) for job in page["data"]], page["has_more"])
 
 
 @router.get("/fine_tuning/jobs/{job_id}", response_model=FineTuningJob)
 def retrieve_job(job_id: str, session: SessionDep, key: ReadKey) -> FineTuningJob:
     """A job's status, fine_tuned_model once it succeeded, error once it failed."""
-    return _job_object(session, jobs.get_job(job_id, session, key))
+    return job_object(jobs.get_job(job_id, session, key))
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel", response_model=FineTuningJob)
 def cancel_job(job_id: str, session: WriteSessionDep, key: TrainKey) -> FineTuningJob:
     """Cancel: a queued job at once; a running one within seconds (it reads `running` until then)."""
-    return _job_object(session, jobs.cancel_job(job_id, session, key))
+    return job_object(jobs.cancel_job(job_id, session, key))
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events", response_model=OpenAIList[FineTuningJobEvent])
@@ -649,10 +629,10 @@ def list_events(
 ) -> OpenAIList[FineTuningJobEvent]:
     """Status changes and log lines (type message), per-step losses (type metrics); newest first."""
     jobs.get_job(job_id, session, key)
-    rows, has_more = queue.list_events(
+    page = queue.list_events(
         session, job_id, after=native_event_id(after), limit=min(limit, 1000), kind=None, newest_first=True
     )
-    return listing([event_object(JobEventPublic.model_validate(row)) for row in rows], has_more)
+    return listing([event_object(JobEventPublic.model_validate(row)) for row in page.rows], page.has_more)
 
 
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints", response_model=OpenAIIdList[FineTuningJobCheckpoint])
