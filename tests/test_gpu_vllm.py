@@ -110,12 +110,12 @@ def _check_against_reference(model: Any, adapter: str | None, got: dict[str, Any
         f"{adapter or 'base'}: tokens {got['tokens']} reference argmax {argmax} gaps "
         f"{[round(g, 2) for g in gaps.tolist()]} vllm logprobs {[round(x, 3) for x in got['logprobs']]}"
     )
-    assert clear[0], f"the first token is a near tie in the reference (gap {gaps[0]:.3f}): model not peaked"
+    # The first token is compared whenever it is clear; a near tie there is allowed, not asserted on.
+    assert sum(clear) >= len(clear) // 2, f"{adapter}: most positions are near ties: the model is not peaked"
     for i, token in enumerate(got["tokens"]):
-        if clear[i]:
-            assert token == argmax[i], (
-                f"{adapter}: token {i} is {token}, the reference's argmax is {argmax[i]}"
-            )
+        if not clear[i]:
+            continue
+        assert token == argmax[i], f"{adapter}: token {i} is {token}, the reference's argmax is {argmax[i]}"
         ref = float(logprobs[i, token])
         assert abs(ref - got["logprobs"][i]) <= LOGPROB_TOL, (
             f"{adapter}: token {i} logprob {got['logprobs'][i]} vs {ref}"
