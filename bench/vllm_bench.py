@@ -7,7 +7,7 @@ succeeds, as the engine does, and loaded on first use). Every shape is run once 
 measured: vLLM compiles a Triton kernel for a new batch shape on first sight.
 
     python bench/vllm_bench.py --vllm-url http://127.0.0.1:8001 --api-url http://127.0.0.1:8000 \
-        --model /tmp/m --adapters ad_a0,ad_a1,ad_a2,ad_a3 --fresh ad_a4=/tmp/ad/a4,ad_a5=/tmp/ad/a5 --out r.json
+        --adapters ad_a0,ad_a1,ad_a2,ad_a3 --fresh ad_a4=/tmp/ad/a4,ad_a5=/tmp/ad/a5 --out r.json
 """
 
 from __future__ import annotations

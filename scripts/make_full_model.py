@@ -106,6 +106,9 @@ def save_mxfp4_model(config: Any, folder: Path, models_dir: Path, *, seed: int, 
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {}, "weight_map": index}, indent=1, sort_keys=True)
     )
+    # vLLM picks the model class from this; without it (config.save_pretrained of a bare config writes
+    # none) vLLM 0.26 served the checkpoint as a pooling model, with no /v1/completions.
+    config.architectures = ["GptOssForCausalLM"]
     config.quantization_config = MXFP4_QUANTIZATION
     config.save_pretrained(folder)
     GenerationConfig(eos_token_id=[200002, 200012], pad_token_id=199999, bos_token_id=199998).save_pretrained(

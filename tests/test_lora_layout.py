@@ -45,15 +45,13 @@ def _peft_adapter(folder: Path, *, r: int = 4, modules: list[str] | None = None)
     """Save a PEFT adapter with random (non-zero) A and B into ``folder``; return its logits."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(
-        r=r, lora_alpha=2 * r, target_modules=modules or ATTENTION, target_parameters=EXPERTS
-    )
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=modules or ATTENTION, target_parameters=EXPERTS)
     model = get_peft_model(_base(), config)
     torch.manual_seed(11)
     for name, param in model.named_parameters():
         if "lora_" in name:
             param.data.normal_(0.0, 0.2)
-    model.save_pretrained(folder)
+    model.save_pretrained(str(folder))
     return _logits(model)
 
 
@@ -193,6 +191,6 @@ def test_refuses_expert_lora_on_one_projection(tmp_path: Path) -> None:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=4, target_modules=["q_proj"], target_parameters=["mlp.experts.down_proj"])
-    get_peft_model(_base(), config).save_pretrained(tmp_path / "one")
+    get_peft_model(_base(), config).save_pretrained(str(tmp_path / "one"))
     with pytest.raises(AdapterLayoutError, match="both mlp.experts.gate_up_proj and mlp.experts.down_proj"):
         check_servable(tmp_path / "one", max_lora_rank=16)
