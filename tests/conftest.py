@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from app.config import Settings
-from tests.pg import MISSING, PostgresServer, find_bin_dir
+from tests.pg import DEFAULT_BACKEND, MISSING, PostgresServer, find_bin_dir
 
 pytest_plugins = ["tests.fixtures_ml", "tests.fixtures_service", "tests.fixtures_inference"]
 
@@ -49,8 +49,9 @@ def pg_server() -> Iterator[PostgresServer]:
 
 @pytest.fixture
 def db_backend(request: pytest.FixtureRequest) -> str:
-    """`sqlite` unless a test is parametrized over tests.pg.BACKENDS (indirect)."""
-    return str(getattr(request, "param", "sqlite"))
+    """A test parametrized over tests.pg.BACKENDS (indirect) gets each; any other test gets
+    GPTOSS_TEST_DATABASE (default sqlite; `GPTOSS_TEST_DATABASE=postgresql pytest` runs all on PostgreSQL)."""
+    return str(getattr(request, "param", DEFAULT_BACKEND))
 
 
 @pytest.fixture

@@ -26,6 +26,10 @@ import pytest
 BACKENDS = ("sqlite", "postgresql")
 # Runs a database test on SQLite and on PostgreSQL: `@ON_BOTH_DATABASES` or a module's pytestmark.
 ON_BOTH_DATABASES = pytest.mark.parametrize("db_backend", BACKENDS, indirect=True)
+# A test that opens the SQLite file itself: it stays on SQLite under GPTOSS_TEST_DATABASE=postgresql.
+SQLITE_ONLY = pytest.mark.parametrize("db_backend", ["sqlite"], indirect=True)
+# Every other test's database: sqlite, or postgresql to run the whole suite on PostgreSQL.
+DEFAULT_BACKEND = os.environ.get("GPTOSS_TEST_DATABASE", "sqlite")
 MISSING = (
     "PostgreSQL binaries (initdb, pg_ctl) not found on PATH or in /usr/lib/postgresql/*/bin; "
     "scripts/install-system.sh installs Debian's postgresql package"

@@ -15,7 +15,7 @@ from app.db import current_revision, head_revision, make_engine, make_sessionmak
 from app.exceptions import TransitionError
 from app.models import Job
 from tests.fixtures_service import StartWorker
-from tests.pg import ON_BOTH_DATABASES
+from tests.pg import ON_BOTH_DATABASES, SQLITE_ONLY
 
 
 def _new_jobs(settings: Settings, count: int, **fields: object) -> list[str]:
@@ -149,6 +149,7 @@ def test_worker_once_on_an_empty_queue_migrates_and_exits(
     assert current_revision(make_engine(svc_settings)) == head_revision()  # it migrated the empty database
 
 
+@SQLITE_ONLY
 def test_a_locked_database_does_not_cost_a_running_job_its_lease(
     svc_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
