@@ -163,6 +163,13 @@ def _num_experts(config: dict[str, Any], tensors: dict[str, torch.Tensor], pair:
     return total // rank
 
 
+def has_expert_lora(config: dict[str, Any]) -> bool:
+    """LoRA on the fused experts (``target_parameters``), or Unsloth's record of it: what
+    ``normalize_adapter`` may have to rewrite. Attention-only adapters are served as saved."""
+    params = _as_list(config.get("target_parameters"))
+    return bool(config.get(DETAIL_KEY)) or any(_expert_parameter(p) for p in params)
+
+
 def normalize_adapter(folder: Path) -> bool:
     """Rewrite ``folder`` in place into the layout vLLM reads (PEFT's): lora_B rank-major, gate_up as
     ``experts.base_layer``. True when something was rewritten; False for an adapter already so (PEFT's
