@@ -422,3 +422,85 @@ def _wait(predicate: Any, timeout: float = 10) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def test_api_with_engine_vllm_end_to_end(
+    settings: Settings, fake: tuple[FakeVllm, str], tmp_path: Path
+) -> None:
+    """The whole app with GPTOSS_ENGINE=vllm: /generate and /v1/chat/completions go to the (fake) vLLM
+    as token ids, come back parsed by our harmony parser into reasoning vs answer, the request's
+    reasoning_effort is in the prompt vLLM gets, and a registered adapter is loaded there on its first
+    use (once)."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.ml.harmony import encoding
+    from app.registry import register_adapter
+
+    state, url = fake
+    state.max_model_len = 4096  # room for a whole harmony prompt (system header included)
+    api_settings = settings.model_copy(update={"engine": "vllm", "vllm_url": url})
+    spec = _tiny_adapter(api_settings, tmp_path / "made", "capitals", rank=8)
+    folder = api_settings.adapters_dir / spec.id
+    folder.parent.mkdir(parents=True)
+    spec.path.rename(folder)
+    with TestClient(create_app(api_settings)) as client:
+        app = client.app
+        assert isinstance(app.state.engine, VllmEngine)  # type: ignore[attr-defined]
+        with app.state.sessionmaker() as session:  # type: ignore[attr-defined]
+            register_adapter(session, adapter_id=spec.id, name="capitals", folder=folder, job_id=None)
+        assert client.get("/readyz").status_code == 200
+        assert state.count("load") == 0  # nothing loaded before its first request
+
+        ask = {"messages": [{"role": "user", "content": "Capital of France?"}], "max_new_tokens": 32}
+        reply = client.post("/generate", json={**ask, "adapter": "capitals", "reasoning_effort": "high"})
+        assert reply.status_code == 200, reply.text
+        data = reply.json()
+        assert (data["reasoning"], data["content"]) == (f"thinking as {spec.id}", f"answer of {spec.id}")
+        assert (data["adapter"], data["model"], data["finish_reason"]) == ("capitals", "tiny-gpt-oss", "stop")
+        assert state.loaded == {spec.id: str(folder.resolve())} and state.count("load") == 1
+        sent = next(b for k, b in state.calls if k == "completions")
+        assert "Reasoning: high" in encoding().decode(sent["prompt"])
+
+        chat = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "tiny-gpt-oss",
+                "messages": ask["messages"],
+                "max_tokens": 32,
+                "reasoning_effort": "low",
+            },
+        )
+        assert chat.status_code == 200, chat.text
+        message = chat.json()["choices"][0]["message"]
+        assert (message["reasoning_content"], message["content"]) == (
+            f"thinking as {BASE}",
+            f"answer of {BASE}",
+        )
+        assert chat.json()["choices"][0]["finish_reason"] == "stop"
+        last = [b for k, b in state.calls if k == "completions"][-1]
+        assert last["model"] == BASE and "Reasoning: low" in encoding().decode(last["prompt"])
+
+        again = client.post(
+            "/v1/chat/completions", json={"model": "capitals", "messages": ask["messages"], "max_tokens": 32}
+        )
+        assert again.json()["choices"][0]["message"]["content"] == f"answer of {spec.id}"
+        assert state.count("load") == 1  # loaded once, reused
+        metrics = client.get("/metrics").text
+        assert "gptoss_loaded_adapters 1.0" in metrics
+
+
+def test_the_engine_setting_picks_the_implementation(settings: Settings) -> None:
+    from pydantic import ValidationError
+
+    from app.inference.engine import InferenceEngine
+
+    assert isinstance(create_engine(settings), InferenceEngine)  # no vLLM server: in-process
+    url = "http://vllm:8000"
+    assert isinstance(create_engine(settings.model_copy(update={"vllm_url": url})), VllmEngine)  # auto
+    inprocess = settings.model_copy(update={"vllm_url": url, "engine": "inprocess"})
+    assert isinstance(create_engine(inprocess), InferenceEngine)
+    with pytest.raises(ValidationError, match="engine 'vllm' needs vllm_url"):
+        Settings(engine="vllm", data_dir=settings.data_dir)
+    # In front of vLLM the API needs no GPU of its own, and 'auto' still means the real base model.
+    assert Settings(base_model="auto", vllm_url=url).resolved_base_model() == "unsloth/gpt-oss-20b"
