@@ -265,7 +265,7 @@ class Worker:
                 folder=Path(result["adapter_path"]),
                 job_id=job.id,
             )
-        except (ServiceError, FileNotFoundError) as err:
+        except (ServiceError, adapter_folder.AdapterFolderError, FileNotFoundError) as err:
             # No row points at the folder, and a retry would only fail the same way: do not leave
             # an unregistered adapter on disk (the folder is this job's own, adp_<job id tail>).
             session.rollback()

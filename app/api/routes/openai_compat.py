@@ -24,7 +24,7 @@ from app.api.deps import SessionDep, SettingsDep, require_scope, resolve_adapter
 from app.api.metrics import observe_generation
 from app.exceptions import InvalidInput, NotFound, ServiceError
 from app.inference import service
-from app.inference.engine import InferenceEngine
+from app.inference.base import Engine
 from app.inference.schemas import ChatCompletionRequest, OpenAIMessage
 from app.inference.stream import Assembler, Completion
 from app.inference.types import AdapterSpec, SamplingParams
@@ -138,7 +138,7 @@ async def chat_completions(
     return _completion_body(assembler.completion, meta)
 
 
-def _adapter_for_model(session: Session, engine: InferenceEngine, model: str) -> AdapterSpec | None:
+def _adapter_for_model(session: Session, engine: Engine, model: str) -> AdapterSpec | None:
     if model == engine.base_model_id:
         return None
     try:
