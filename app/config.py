@@ -39,6 +39,16 @@ class Settings(BaseSettings):
         None,
         description="Generated models (the tiny default), offline tokenizer; default <data_dir>/models",
     )
+    db_pool_size: int = Field(
+        10, ge=1, le=1000, description="PostgreSQL: connections each process keeps open (ignored on SQLite)."
+    )
+    db_max_overflow: int = Field(
+        30,
+        ge=0,
+        le=1000,
+        description="PostgreSQL: extra connections a process may open under load (with db_pool_size, "
+        "40: one for each thread of the API's threadpool).",
+    )
 
     # --- model ---------------------------------------------------------------------------------
     base_model: str = Field(
@@ -143,6 +153,12 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(5.0, gt=0, description="Worker heartbeat interval.")
     lease_s: float = Field(60.0, gt=0, description="A job whose heartbeat is older than this is requeued.")
     max_attempts: int = Field(3, ge=1, description="Attempts per job before it is failed.")
+    worker_gpu: int | None = Field(
+        None,
+        ge=0,
+        description="Pin the worker and its training processes to this CUDA device (one worker per GPU); "
+        "unset: they see every GPU of the host.",
+    )
 
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
     log_json: bool = Field(True, description="One JSON object per log line.")

@@ -15,7 +15,7 @@ from app.ml.modeling import import_unsloth_first
 if os.environ.get("GPTOSS_BACKEND", "auto").strip().lower() != "hf":
     import_unsloth_first()  # a no-op without CUDA or without the unsloth package
 
-from app import queue  # noqa: E402
+from app import identity, queue  # noqa: E402
 from app.api import errors, metrics, middleware
 from app.api.paths import HEALTHZ, READYZ
 from app.api.routes import (
@@ -48,7 +48,8 @@ Every route but `{HEALTHZ}` and `{READYZ}` needs `Authorization: Bearer <key>`."
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    upgrade_to_head(settings)  # also run by every worker; a file lock serialises them
+    upgrade_to_head(settings)  # also run by every worker; a migration lock serialises them
+    identity.check_data_dir(settings, app.state.db)  # refuses a data folder of another deployment
     if settings.auth == "none":
         log.warning(
             "!!! GPTOSS_AUTH=none: API keys are OFF, anyone who reaches %s:%s can train and generate. "

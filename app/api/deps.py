@@ -3,7 +3,7 @@ adapter a generation request names."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -25,12 +25,16 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
+# Async on purpose, though the routes are sync: a sync dependency's cleanup (closing the session,
+# which returns its pooled connection) waits for a free threadpool thread, and under a burst those
+# threads all wait for a pooled connection, so requests hold connections that nobody can return until
+# the pool's timeout fails them (500). Here the close runs on the event loop and never waits.
+async def get_session(request: Request) -> AsyncIterator[Session]:
     with request.app.state.sessionmaker() as session:
         yield session
 
 
-def get_write_session(request: Request) -> Iterator[Session]:
+async def get_write_session(request: Request) -> AsyncIterator[Session]:
     """For routes that read and then write (BEGIN IMMEDIATE on SQLite; see app.db.make_sessionmaker)."""
     with request.app.state.write_sessionmaker() as session:
         yield session
