@@ -6,10 +6,11 @@ scripts/make_full_model.py --layers 2 --lm-head-std 0.5), and the adapters rank-
 and both expert projections in PEFT's layout (bench/vllm_adapters.py). The reference is transformers
 + PEFT with the same adapter, on the same GPU. Greedy tokens are compared by teacher forcing: the
 reference scores vLLM's own continuation, so one near tie cannot make every later token differ; a
-token must equal the reference's argmax wherever the reference's top-2 gap is clear (> GAP) and the
-token's own expert routing is clear (every layer's 4th-5th router logit margin > ROUTER_GAP: closer
-than that, bf16 rounding may pick another expert in either implementation, and the logits then differ
-by far more than GAP), and its log-probability must be close. The report gives both margins per token.
+token must equal the reference's argmax wherever the reference's top-2 gap is clear (> GAP), and its
+log-probability must be close. The report also gives, per token, the reference's smallest routing
+margin over the layers (4th vs 5th router logit): a near tie there lets bf16 rounding pick another
+expert in either implementation, which moves the logits by far more than GAP. It is printed for the
+diagnosis of a mismatch, not used to skip one (call 3 saw margins of 0.008 with matching tokens).
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ PROMPT += [3086, 382, 290, 9029, 328, 10128, 30, 200007, 200006, 173781]
 NEW_TOKENS = 8
 GAP = 2.0  # logits (their std is ~27 here): below this the reference is near a tie, either pick is right
 LOGPROB_TOL = 0.5
-ROUTER_GAP = 0.05  # router logits; an expert choice closer than this is a near tie
 
 
 def _complete(model: str, prompt: list[int] = PROMPT) -> dict[str, Any]:
@@ -125,7 +125,7 @@ def _reference_scores(
 def _check_against_reference(model: Any, adapter: str | None, got: dict[str, Any], report: list[str]) -> None:
     logprobs, gaps, routing = _reference_scores(model, adapter, got["tokens"])
     argmax = logprobs.argmax(dim=-1).tolist()
-    clear = [bool(g > GAP and r > ROUTER_GAP) for g, r in zip(gaps.tolist(), routing.tolist(), strict=True)]
+    clear = [bool(g > GAP) for g in gaps.tolist()]
     report.append(
         f"{adapter or 'base'}: tokens {got['tokens']} reference argmax {argmax} gaps "
         f"{[round(g, 2) for g in gaps.tolist()]} routing margins {[round(r, 3) for r in routing.tolist()]} "
@@ -137,7 +137,10 @@ def _check_against_reference(model: Any, adapter: str | None, got: dict[str, Any
     for i, token in enumerate(got["tokens"]):
         if not clear[i]:
             continue
-        assert token == argmax[i], f"{adapter}: token {i} is {token}, the reference's argmax is {argmax[i]}"
+        assert token == argmax[i], (
+            f"{adapter}: token {i} is {token}, the reference's argmax is {argmax[i]} "
+            f"(logit gap {float(gaps[i]):.2f}, routing margin {float(routing[i]):.3f})"
+        )
         ref = float(logprobs[i, token])
         assert abs(ref - got["logprobs"][i]) <= LOGPROB_TOL, (
             f"{adapter}: token {i} logprob {got['logprobs'][i]} vs {ref}"
