@@ -23,6 +23,10 @@ class ServiceError(Exception):
     def to_dict(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "field": self.field}
 
+    def headers(self) -> dict[str, str]:
+        """HTTP headers every response carrying this error adds (whatever its body's shape)."""
+        return {}
+
 
 class InvalidInput(ServiceError):
     """A request field is out of range or malformed. The message names the field and the limit."""
@@ -62,6 +66,9 @@ class Busy(ServiceError):
     def __init__(self, message: str, *, retry_after: int = 1) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class RateLimited(Busy):

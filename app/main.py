@@ -7,10 +7,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
 
 from app.ml.modeling import import_unsloth_first
 
@@ -18,20 +15,23 @@ from app.ml.modeling import import_unsloth_first
 if os.environ.get("GPTOSS_BACKEND", "auto").strip().lower() != "hf":
     import_unsloth_first()  # a no-op without CUDA or without the unsloth package
 
-from app import observability  # noqa: E402
+from app import queue  # noqa: E402
+from app.api import errors, metrics, middleware
+from app.api.paths import HEALTHZ, READYZ
 from app.api.routes import adapters, files, generate, health, jobs, openai_compat, plots
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker, upgrade_to_head
-from app.exceptions import Busy, ServiceError
 from app.inference.engine import create_engine
+from app.inference.gpu_release import TrainingProbe
+from app.logs import configure_logging
 
 log = logging.getLogger("app")
 
-DESCRIPTION = """LoRA fine-tuning and serving for gpt-oss-20b on your own GPU.
+DESCRIPTION = f"""LoRA fine-tuning and serving for gpt-oss-20b on your own GPU.
 
-Upload a JSONL dataset (`POST /files`), start a job (`POST /jobs`), poll it (`GET /jobs/{id}`),
+Upload a JSONL dataset (`POST /files`), start a job (`POST /jobs`), poll it (`GET /jobs/{{id}}`),
 then generate with the adapter it produced (`POST /generate`, or the OpenAI-compatible `/v1`).
-Every route but `/healthz` and `/readyz` needs `Authorization: Bearer <key>`."""
+Every route but `{HEALTHZ}` and `{READYZ}` needs `Authorization: Bearer <key>`."""
 
 
 @asynccontextmanager
@@ -45,7 +45,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             settings.host,
             settings.port,
         )
-    engine = create_engine(settings)
+    engine = create_engine(settings, training_probe=_training_probe(app))
     app.state.engine = engine
     if settings.load_model_on_start:
         engine.start()
@@ -56,40 +56,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.db.dispose()
 
 
-def _error_response(exc: ServiceError) -> JSONResponse:
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Busy) else None
-    return JSONResponse({"error": exc.to_dict()}, status_code=exc.status, headers=headers)
+def _training_probe(app: FastAPI) -> TrainingProbe:
+    """True while a job runs: the worker trains on this host's GPU (release_gpu_during_training)."""
 
+    def probe() -> bool:
+        with app.state.sessionmaker() as session:
+            return queue.any_job_running(session)
 
-def _validation_response(exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's 422, in our error shape; the message names the field and what was wrong with it."""
-    first = exc.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
-    field = ".".join(loc) or "body"
-    message = f"{field}: {first.get('msg', 'invalid')}"
-    body = {"code": "invalid_input", "message": message, "field": field, "details": jsonable(exc.errors())}
-    return JSONResponse({"error": body}, status_code=422)
-
-
-def jsonable(errors: object) -> object:
-    from fastapi.encoders import jsonable_encoder
-
-    return jsonable_encoder(errors, custom_encoder={Exception: str})
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ServiceError)
-    async def _service_error(_req: Request, exc: ServiceError) -> JSONResponse:
-        return _error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_response(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
-        body = {"code": f"http_{exc.status_code}", "message": str(exc.detail), "field": None}
-        return JSONResponse({"error": body}, status_code=exc.status_code, headers=exc.headers)
+    return probe
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -99,10 +73,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.db = make_engine(settings)
     app.state.sessionmaker = make_sessionmaker(app.state.db)
     app.state.write_sessionmaker = make_sessionmaker(app.state.db, immediate=True)
-    _install_error_handlers(app)
+    configure_logging(settings)
+    errors.install(app)
     for module in (health, files, jobs, adapters, generate, openai_compat, plots):
         app.include_router(module.router)
-    observability.install(app, settings)
+    middleware.install(app, settings)
+    metrics.install(app)
     return app
 
 

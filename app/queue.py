@@ -506,3 +506,37 @@ def load_dataset(source: str, settings: Settings, *, field: str = "dataset") -> 
     except DatasetError as err:
         # Whole-file problems (row 0) read better without the "field 'dataset'" preamble.
         raise DatasetInvalid(field, str(err) if err.row else err.reason, row=err.row or None) from None
+
+
+# --- read at /metrics scrape time and by the inference engine's GPU-release probe ------------------
+
+
+def status_counts(session: Session) -> dict[str, int]:
+    """Jobs per status (statuses with no job are absent)."""
+    rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+    return {status: int(count) for status, count in rows}
+
+
+def any_job_running(session: Session) -> bool:
+    return session.scalar(select(Job.id).where(Job.status == "running").limit(1)) is not None
+
+
+def running_tokens_per_s(session: Session) -> float:
+    """Training throughput of the running jobs (each one's latest step), summed."""
+    total = session.scalar(select(func.sum(Job.tokens_per_s)).where(Job.status == "running"))
+    return float(total or 0.0)
+
+
+def finished_job_durations(session: Session) -> list[tuple[str, float]]:
+    """(final status, seconds from start to finish) of every job that ran to an end. The difference is
+    taken in Python: date arithmetic differs between SQL dialects (SQLite has only julianday)."""
+    rows = session.execute(
+        select(Job.status, Job.started_at, Job.finished_at).where(
+            Job.finished_at.is_not(None), Job.started_at.is_not(None)
+        )
+    ).all()
+    return [
+        (status, (finished - started).total_seconds())
+        for status, started, finished in rows
+        if started is not None and finished is not None
+    ]

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.ml.modeling import full_config, save_random_model
+from app.ml.tiny_model import full_config, save_random_model
 from app.ml.tokenizer import VOCAB_SIZE, atomic_build, ensure_harmony_assets
 
 MINI_NAME = "gpt-oss-mini-random"

@@ -24,7 +24,7 @@ import_unsloth_first()
 from app.config import Settings  # noqa: E402
 from app.ml.export import check_fits, read_manifest  # noqa: E402
 from app.ml.generation import generate_ids  # noqa: E402
-from app.ml.harmony import parse_completion, render_prompt  # noqa: E402
+from app.ml.harmony import REASONING_EFFORTS, parse_completion, render_prompt  # noqa: E402
 from app.ml.modeling import LoadedBase, cuda_available, load_base  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def main() -> int:
     parser.add_argument("--adapter", type=Path, default=None)
     parser.add_argument("--user", required=True, help="the user message")
     parser.add_argument("--developer", default=None, help="developer instructions")
-    parser.add_argument("--reasoning_effort", default="medium", choices=["low", "medium", "high"])
+    parser.add_argument("--reasoning_effort", default="medium", choices=REASONING_EFFORTS)
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top_p", type=float, default=1.0)

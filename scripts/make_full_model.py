@@ -3,7 +3,7 @@ benchmarks where no real weights can be downloaded. Speed and memory on it equal
 
     python scripts/make_full_model.py --out /data/gpt-oss-20b-random [--device cuda]
 
-Built on the device in bf16 (about 39 GB on disk, ~75 s on an H200), saved with the offline tokenizer.
+Built on the device in bf16 (about 39 GB on disk), saved with the offline tokenizer.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.config import Settings  # noqa: E402
-from app.ml.modeling import config_fingerprint, full_config, save_random_model  # noqa: E402
+from app.ml.modeling import config_fingerprint  # noqa: E402
+from app.ml.tiny_model import full_config, save_random_model  # noqa: E402
 from app.ml.tokenizer import atomic_build  # noqa: E402
 
 

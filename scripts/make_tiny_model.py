@@ -12,7 +12,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.config import Settings  # noqa: E402
-from app.ml.modeling import config_fingerprint, ensure_tiny_model, tiny_config  # noqa: E402
+from app.ml.modeling import config_fingerprint  # noqa: E402
+from app.ml.tiny_model import ensure_tiny_model, tiny_config  # noqa: E402
 from app.ml.tokenizer import ensure_harmony_assets  # noqa: E402
 
 

@@ -22,7 +22,7 @@ TEST_CACHE = Path(os.environ.get("GPTOSS_TEST_CACHE", "/tmp/gptoss-test-cache"))
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
     """The shared models folder: offline harmony tokenizer + the tiny GPT-OSS model."""
-    from app.ml.modeling import ensure_tiny_model
+    from app.ml.tiny_model import ensure_tiny_model
     from app.ml.tokenizer import ensure_harmony_assets
 
     path = TEST_CACHE / "models"

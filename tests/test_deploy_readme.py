@@ -211,13 +211,13 @@ def _expand_braces(name: str) -> list[str]:
 
 
 def test_metric_names_in_the_readme_are_exported() -> None:
-    source = (ROOT / "app/observability.py").read_text()
+    source = (ROOT / "app/api/metrics.py").read_text()
     listed = re.findall(r"`(gptoss_[\w{},]+?)(?:\{[a-z_,]+\})?`", README.read_text())
     names = [n for name in listed for n in _expand_braces(name)]
     assert len(names) >= 10
     for name in names:
         assert f'"{name.removesuffix("_total")}"' in source, (
-            f"README lists {name}; app/observability.py has none"
+            f"README lists {name}; app/api/metrics.py has none"
         )
 
 

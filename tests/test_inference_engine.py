@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from app.exceptions import Busy, Conflict, NotFound
-from app.inference.engine import InferenceEngine, training_probe_from_db
+from app.inference.engine import InferenceEngine, create_engine
 from app.inference.stream import CollectingSink, _StopFilter
 from app.inference.types import AdapterSpec, SamplingParams
 from app.ml.harmony import render_prompt
@@ -216,6 +216,7 @@ def test_full_engine_answers_busy_instead_of_queueing(
 def test_model_is_released_while_a_training_job_runs(tmp_path: Path, models_dir: Path) -> None:
     from sqlalchemy import update
 
+    from app import queue
     from app.db import make_engine, make_sessionmaker, upgrade_to_head
     from app.models import Job
 
@@ -240,7 +241,11 @@ def test_model_is_released_while_a_training_job_runs(tmp_path: Path, models_dir:
             session.execute(update(Job).where(Job.id == job_id).values(status=status))
             session.commit()
 
-    engine = InferenceEngine(settings, training_probe=training_probe_from_db(settings))
+    def job_running() -> bool:  # what app.main wires in: the job table, read through app.queue
+        with sessions() as session:
+            return queue.any_job_running(session)
+
+    engine = create_engine(settings, training_probe=job_running)
     engine.start()
     try:
         _wait_for(lambda: not engine.is_ready())

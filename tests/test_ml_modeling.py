@@ -12,15 +12,13 @@ from safetensors import safe_open
 from app.ml.modeling import (
     config_fingerprint,
     cuda_available,
-    ensure_tiny_model,
-    full_config,
     hf_load_kwargs,
     keep_packed_samples_apart,
     load_hf_model,
     pick_backend,
     resolve_model_path,
-    tiny_config,
 )
+from app.ml.tiny_model import ensure_tiny_model, full_config, tiny_config
 from app.ml.trainer import TrainConfig, check_packing
 
 

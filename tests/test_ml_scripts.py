@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from app.ml.export import merge_adapter
 from app.ml.harmony import render_prompt
-from app.ml.modeling import ensure_tiny_model, load_base, load_hf_model
+from app.ml.modeling import load_base, load_hf_model
+from app.ml.tiny_model import ensure_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -12,13 +12,13 @@ import openai_harmony as oh
 import pytest
 import quicktok
 
-from app.ml.modeling import ensure_tiny_model
+from app.ml.modeling import load_tokenizer
+from app.ml.tiny_model import ensure_tiny_model
 from app.ml.tokenizer import (
     O200K_BASE_SHA256,
     SPECIAL_IDS,
     TIKTOKEN_FILENAME,
     ensure_harmony_assets,
-    load_tokenizer,
 )
 
 TEXTS = [

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from app.ml.data import DatasetError, load_rows, validate_rows
 from app.ml.generation import generate_ids
 from app.ml.harmony import render_prompt, render_training
-from app.ml.modeling import config_fingerprint, ensure_tiny_model, load_base, tiny_config
+from app.ml.modeling import config_fingerprint, load_base
+from app.ml.tiny_model import ensure_tiny_model, tiny_config
 from app.ml.trainer import TrainConfig, TrainResult, latest_checkpoint, train
 from tests.fixtures_ml import RecordingHooks, train_recorded
 

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from app.ml.modeling import EXPERT_TARGETS, tiny_config
+from app.ml.modeling import EXPERT_TARGETS
+from app.ml.tiny_model import tiny_config
 from app.ml.unsloth_fixes import active_expert_adapter, make_expert_lora_follow_active_adapter
 
 

@@ -21,10 +21,11 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import queue
+from app.api.metrics import observe_generation
 from app.api.ratelimit import RateLimiter
 from app.config import Settings
+from app.logs import configure_logging, log_context
 from app.main import create_app
-from app.observability import configure_logging, log_context, observe_generation
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -110,6 +111,44 @@ def test_metrics_expose_jobs_queue_training_and_generation(client: TestClient) -
     assert _value(samples, "gptoss_generate_tokens_per_second_sum", adapter="adp_metrics_test") >= 80
     # The scrapes before this one were counted under their route template.
     assert _value(samples, "gptoss_http_requests_total", method="GET", route="/metrics", status="200") >= 1
+
+
+def test_job_durations_are_bucketed_by_final_status(client: TestClient) -> None:
+    """Run times computed from started_at / finished_at (in Python, so any database dialect works)."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from app.models import Job
+
+    app: Any = client.app
+    runs = {"succeeded": [90.0, 4000.0], "failed": [30.0]}
+    with app.state.sessionmaker() as session:
+        for status, seconds in runs.items():
+            for duration in seconds:
+                job, _ = queue.create_job(
+                    session,
+                    queue.NewJob(base_model="tiny-gpt-oss", dataset="sample:test", file_id=None, config={}),
+                )
+                started = job.created_at
+                values = {
+                    "status": status,
+                    "started_at": started,
+                    "finished_at": started + timedelta(seconds=duration),
+                }
+                session.execute(update(Job).where(Job.id == job.id).values(**values))
+        session.commit()
+
+    samples = _samples(client.get("/metrics").text)
+
+    assert _value(samples, "gptoss_job_duration_seconds_count", status="succeeded") == 2
+    assert _value(samples, "gptoss_job_duration_seconds_sum", status="succeeded") == 4090.0
+    assert _value(samples, "gptoss_job_duration_seconds_bucket", status="succeeded", le="60.0") == 0
+    assert _value(samples, "gptoss_job_duration_seconds_bucket", status="succeeded", le="300.0") == 1
+    assert _value(samples, "gptoss_job_duration_seconds_bucket", status="succeeded", le="3600.0") == 1
+    assert _value(samples, "gptoss_job_duration_seconds_bucket", status="succeeded", le="7200.0") == 2
+    assert _value(samples, "gptoss_job_duration_seconds_bucket", status="failed", le="60.0") == 1
+    assert _value(samples, "gptoss_job_duration_seconds_sum", status="failed") == 30.0
 
 
 # --- limits -------------------------------------------------------------------------------------------
@@ -249,7 +288,7 @@ def test_gpu_memory_series_when_cuda_is_there(monkeypatch: pytest.MonkeyPatch) -
     # API does, so this checks which series a GPU host gets and from which calls.
     from types import SimpleNamespace
 
-    from app.observability import _gpu_memory
+    from app.api.metrics import _gpu_memory
 
     cuda = SimpleNamespace(
         is_available=lambda: True,

@@ -35,8 +35,8 @@ from app import queue, registry
 from app.config import Settings, get_settings
 from app.db import ROOT, make_engine, make_sessionmaker, upgrade_to_head
 from app.exceptions import ServiceError, TransitionError
+from app.logs import configure_logging, log_context
 from app.models import Job
-from app.observability import configure_logging, log_context
 
 log = logging.getLogger("workers.worker")
 

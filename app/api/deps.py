@@ -1,10 +1,12 @@
-"""Dependencies shared by the routes: the settings, a database session, and API-key auth."""
+"""Dependencies shared by the routes: the settings, a database session, API-key auth, and the
+adapter a generation request names."""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -15,7 +17,10 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import utcnow
 from app.exceptions import Forbidden, Unauthorized
+from app.inference.engine import InferenceEngine
+from app.inference.types import AdapterSpec
 from app.models import ApiKey
+from app.registry import find_adapter
 
 SCOPES = ("read", "train", "generate", "admin")
 KEY_PREFIX = "gpt-"
@@ -107,3 +112,20 @@ ReadKey = Annotated[ApiKey | None, Depends(require_scope("read"))]
 TrainKey = Annotated[ApiKey | None, Depends(require_scope("train"))]
 GenerateKey = Annotated[ApiKey | None, Depends(require_scope("generate"))]
 AdminKey = Annotated[ApiKey | None, Depends(require_scope("admin"))]
+
+
+def resolve_adapter(session: Session, engine: InferenceEngine, ref: str | None) -> AdapterSpec | None:
+    """The registry row for `ref` (id or name) as the engine's AdapterSpec: NotFound 404, or Conflict
+    409 when it is for another base than the engine's."""
+    if ref is None:
+        return None
+    row = find_adapter(session, ref)
+    spec = AdapterSpec(
+        id=row.id,
+        name=row.name,
+        path=Path(row.path),
+        fingerprint=row.base_fingerprint,
+        base_model=row.base_model,
+    )
+    engine.check_adapter(spec)
+    return spec

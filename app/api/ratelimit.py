@@ -9,7 +9,6 @@ API process per host, so there is no shared store to consult.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import threading
 import time
@@ -18,10 +17,12 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.api.errors import send_error
+from app.api.paths import PROBE_PATHS
 from app.exceptions import RateLimited
 
 # Probes and scrapes must keep working while a client is being throttled.
-EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+EXEMPT_PATHS = PROBE_PATHS
 # Above this many buckets, full (idle) ones are dropped so a scan of random keys cannot grow memory.
 MAX_BUCKETS = 10_000
 
@@ -102,11 +103,4 @@ async def _send_rate_limited(send: Send, per_minute: int, retry_after: int) -> N
         f"API key; retry after {retry_after} s",
         retry_after=retry_after,
     )
-    body = json.dumps({"error": error.to_dict()}).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"retry-after", str(retry_after).encode()),
-    ]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_error(send, error)

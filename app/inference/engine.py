@@ -22,11 +22,10 @@ from app.config import Settings
 from app.exceptions import Busy, ServiceError
 from app.inference.adapters import AdapterCache, _free_memory, check_adapter_files
 from app.inference.decoding import Row, decode_batch
+from app.inference.gpu_release import GpuReleasePolicy, TrainingProbe
 from app.inference.types import AdapterSpec, SamplingParams, TokenSink
 
 log = logging.getLogger(__name__)
-
-TrainingProbe = Callable[[], bool]
 
 
 @dataclass
@@ -81,10 +80,10 @@ class _Command:
 
 
 class InferenceEngine:
-    def __init__(self, settings: Settings, *, training_probe: TrainingProbe | None = None) -> None:
+    def __init__(self, settings: Settings, *, gpu_release: GpuReleasePolicy | None = None) -> None:
         self.settings = settings
         self.base_model_id = settings.resolved_base_model()
-        self._probe = training_probe
+        self._gpu_release = gpu_release
         self._cond = threading.Condition()
         self._start_lock = threading.Lock()
         self._pending: list[_Pending] = []
@@ -93,8 +92,6 @@ class InferenceEngine:
         self._thread: threading.Thread | None = None
         self._closing = False
         self._released = False  # model given back while a training job runs
-        self._next_probe = 0.0
-        self._idle_since: float | None = None  # when the probe first saw no running job, while released
         self._loaded: Any = None  # app.ml.modeling.LoadedBase
         # Counters for /metrics and tests: batches run, rows run, rows that shared their batch.
         self.stats = {"batches": 0, "rows": 0, "batched_rows": 0, "cancelled": 0, "releases": 0, "reloads": 0}
@@ -311,10 +308,9 @@ class InferenceEngine:
         """Adapter cache capacity and pinned set for the loaded backend.
 
         Unsloth 2026.10.9 serves the expert LoRA of the adapter loaded first, whichever is active,
-        unless its lookup is patched (app/ml/unsloth_fixes.py; seen on the H200 on 2026-11-28). Where
-        the patch cannot be applied, or `unsloth_multi_adapter` is off, the Unsloth backend keeps one
-        adapter resident: always the right answer, at the price of a load (~1.7 s for gpt-oss-20b)
-        on every switch.
+        unless its lookup is patched (app/ml/unsloth_fixes.py). Where the patch cannot be applied,
+        or `unsloth_multi_adapter` is off, the Unsloth backend keeps one adapter resident: always
+        the right answer, at the price of a load (~1.7 s for gpt-oss-20b) on every switch.
         """
         capacity, pinned = self.settings.adapter_cache_size, set(self.settings.pinned_adapters)
         if backend != "unsloth":
@@ -348,35 +344,16 @@ class InferenceEngine:
     # --- giving the GPU back during training ---------------------------------------------------
 
     def _probe_interval(self) -> float | None:
-        return self.settings.release_poll_s if self._probe_enabled() else None
-
-    def _probe_enabled(self) -> bool:
-        return self.settings.release_gpu_during_training and self._probe is not None
+        return self._gpu_release.poll_s if self._gpu_release is not None else None
 
     def _check_training(self) -> None:
-        if not self._probe_enabled() or time.monotonic() < self._next_probe:
+        if self._gpu_release is None:
             return
-        assert self._probe is not None
-        self._next_probe = time.monotonic() + self.settings.release_poll_s
-        try:
-            training = self._probe()
-        except Exception:  # a database hiccup must not stop generation; look again next time
-            log.exception("could not read the job table")
-            return
-        if training:
-            self._idle_since = None
-            if not self._released:
-                self._release()
-        elif self._released and self._cooled_down():
+        action = self._gpu_release.decide(released=self._released)
+        if action == "release":
+            self._release()
+        elif action == "reload":
             self._reacquire()
-
-    def _cooled_down(self) -> bool:
-        """True once no job has run for release_cooldown_s. Between two queued jobs the worker takes a
-        moment to claim the next one; reloading in that gap would only be released again at once."""
-        now = time.monotonic()
-        if self._idle_since is None:
-            self._idle_since = now
-        return now - self._idle_since >= self.settings.release_cooldown_s
 
     def _release(self) -> None:
         log.info("training job running: releasing the model's memory")
@@ -432,23 +409,13 @@ class InferenceEngine:
             item.row.sink.fail(error)
 
 
-def training_probe_from_db(settings: Settings) -> TrainingProbe:
-    """True while any job is running (the worker shares this host's GPU)."""
-    from sqlalchemy import func, select
-
-    from app.db import make_engine
-    from app.models import Job
-
-    db = make_engine(settings)
-
-    def probe() -> bool:
-        with db.connect() as conn:
-            return bool(conn.scalar(select(func.count()).select_from(Job).where(Job.status == "running")))
-
-    return probe
-
-
-def create_engine(settings: Settings) -> InferenceEngine:
-    """The engine for this process; it loads nothing until start() (or the first request)."""
-    probe = training_probe_from_db(settings) if settings.release_gpu_during_training else None
-    return InferenceEngine(settings, training_probe=probe)
+def create_engine(settings: Settings, *, training_probe: TrainingProbe | None = None) -> InferenceEngine:
+    """The engine for this process; it loads nothing until start() (or the first request). With
+    `release_gpu_during_training`, `training_probe` (True while a job runs) decides when it gives
+    the GPU back."""
+    release = None
+    if settings.release_gpu_during_training and training_probe is not None:
+        release = GpuReleasePolicy(
+            training_probe, poll_s=settings.release_poll_s, cooldown_s=settings.release_cooldown_s
+        )
+    return InferenceEngine(settings, gpu_release=release)

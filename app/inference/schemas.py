@@ -6,7 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-ReasoningEffortField = Literal["low", "medium", "high"]
+from app.ml.harmony import ReasoningEffort
+
 MAX_STOP_STRINGS = 4
 DEFAULT_MAX_NEW_TOKENS = 512  # /generate's default, lowered to the server's cap when that is smaller
 
@@ -35,7 +36,7 @@ class GenerateRequest(BaseModel):
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=1000)
     prompt: str | None = Field(None, description="Shorthand for one user message.", max_length=1_000_000)
     developer: str | None = Field(None, description="Developer instructions (harmony developer message).")
-    reasoning_effort: ReasoningEffortField = "medium"
+    reasoning_effort: ReasoningEffort = "medium"
     max_new_tokens: int | None = Field(
         None,
         ge=1,
@@ -108,7 +109,7 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    reasoning_effort: ReasoningEffortField = "medium"
+    reasoning_effort: ReasoningEffort = "medium"
     n: int = Field(1, ge=1, le=1, description="One choice per request.")
 
     @field_validator("stop")

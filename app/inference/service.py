@@ -1,22 +1,24 @@
-"""The steps both generation APIs share: check the request against the limits, resolve the adapter,
-render the harmony prompt and queue it on the engine."""
+"""The steps both generation APIs share: check the request against the limits, render the harmony
+prompt and queue it on the engine. The routes hand in what these steps need (the engine, the
+settings, an adapter already resolved from the registry); nothing here knows HTTP or the database."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from fastapi import Request
-from sqlalchemy.orm import Session
-
 from app.config import Settings
-from app.exceptions import InvalidInput, ServiceError
+from app.exceptions import InvalidInput
 from app.inference.engine import InferenceEngine
 from app.inference.schemas import DEFAULT_MAX_NEW_TOKENS
 from app.inference.stream import Assembler, Completion, TokenStream
 from app.inference.types import AdapterSpec, SamplingParams
+from app.ml.harmony import ReasoningEffort
+
+# Told of every finished generation: (seconds, new tokens, adapter name or None for the base).
+GenerationObserver = Callable[[float, int, str | None], None]
 
 
 @dataclass
@@ -27,30 +29,11 @@ class Prepared:
     stop: list[str]
 
 
-async def ready_engine(request: Request) -> InferenceEngine:
-    """The app's engine, loading the base on first use when it was not loaded at start."""
-    engine: InferenceEngine = request.app.state.engine
+async def ready_engine(engine: InferenceEngine) -> InferenceEngine:
+    """The engine, loading the base on first use when it was not loaded at start."""
     if not engine.is_ready():
         await asyncio.to_thread(engine.start)
     return engine
-
-
-def resolve_adapter(session: Session, engine: InferenceEngine, ref: str | None) -> AdapterSpec | None:
-    """The registry row for `ref` (id or name): NotFound 404, or Conflict 409 when it is for another base."""
-    if ref is None:
-        return None
-    from app.registry import find_adapter
-
-    row = find_adapter(session, ref)
-    spec = AdapterSpec(
-        id=row.id,
-        name=row.name,
-        path=Path(row.path),
-        fingerprint=row.base_fingerprint,
-        base_model=row.base_model,
-    )
-    engine.check_adapter(spec)
-    return spec
 
 
 def check_max_new_tokens(value: int | None, settings: Settings, field: str = "max_new_tokens") -> int:
@@ -64,7 +47,11 @@ def check_max_new_tokens(value: int | None, settings: Settings, field: str = "ma
 
 
 def render(
-    messages: list[dict[str, Any]], *, developer: str | None, reasoning_effort: str, settings: Settings
+    messages: list[dict[str, Any]],
+    *,
+    developer: str | None,
+    reasoning_effort: ReasoningEffort,
+    settings: Settings,
 ) -> list[int]:
     from app.ml.harmony import render_prompt
 
@@ -80,8 +67,11 @@ def render(
     return ids
 
 
-def start(engine: InferenceEngine, prepared: Prepared) -> Assembler:
-    """Queue the request (Busy 503 when the engine is full) and return its assembler."""
+def start(
+    engine: InferenceEngine, prepared: Prepared, observe: GenerationObserver | None = None
+) -> Assembler:
+    """Queue the request (Busy 503 when the engine is full) and return its assembler; `observe` hears
+    of the generation when it ends."""
     stream = TokenStream()
     engine.submit(prepared.prompt_ids, prepared.params, stream, prepared.adapter)
     adapter = prepared.adapter.name if prepared.adapter else None
@@ -89,22 +79,15 @@ def start(engine: InferenceEngine, prepared: Prepared) -> Assembler:
         stream,
         prompt_tokens=len(prepared.prompt_ids),
         stop=prepared.stop,
-        on_complete=lambda done: _observe(done, adapter),
+        on_complete=(lambda done: _observe(observe, done, adapter)) if observe else None,
     )
 
 
-def _observe(done: Completion, adapter: str | None) -> None:
-    from app.observability import observe_generation
-
-    observe_generation(done.timings["total_ms"] / 1000, done.completion_tokens, adapter)
+def _observe(observe: GenerationObserver, done: Completion, adapter: str | None) -> None:
+    observe(done.timings["total_ms"] / 1000, done.completion_tokens, adapter)
 
 
 async def run_to_end(assembler: Assembler) -> Assembler:
     async for _ in assembler.deltas():
         pass
     return assembler
-
-
-def retry_headers(exc: ServiceError) -> dict[str, str]:
-    retry_after = getattr(exc, "retry_after", None)
-    return {"Retry-After": str(retry_after)} if retry_after is not None else {}

@@ -19,9 +19,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.ml.harmony import REASONING_EFFORTS
+
 SAMPLES_DIR = Path(__file__).parent / "samples"
 ROLES = ("user", "assistant", "system", "developer")
-EFFORTS = ("low", "medium", "high")
+EFFORTS = REASONING_EFFORTS
 
 
 class DatasetError(ValueError):

@@ -10,8 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from app.ml.modeling import config_fingerprint, load_hf_model, resolve_model_path
-from app.ml.tokenizer import load_tokenizer
+from app.ml.modeling import config_fingerprint, load_hf_model, load_tokenizer, resolve_model_path
 
 DTYPES = ("bfloat16", "float16", "float32")
 

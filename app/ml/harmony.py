@@ -20,14 +20,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import openai_harmony as oh
 
 from app.ml.tokenizer import ensure_harmony_assets, token_bytes
 
 ReasoningEffort = Literal["low", "medium", "high"]
-REASONING_EFFORTS: tuple[str, ...] = ("low", "medium", "high")
+REASONING_EFFORTS: tuple[str, ...] = get_args(ReasoningEffort)
 
 RETURN, CONSTRAIN, CHANNEL, START, END, MESSAGE, CALL = 200002, 200003, 200005, 200006, 200007, 200008, 200012
 STOP_TOKEN_IDS: tuple[int, ...] = (RETURN, CALL)
@@ -52,7 +52,9 @@ def encoding() -> oh.HarmonyEncoding:
 
 def _check_effort(reasoning_effort: str) -> oh.ReasoningEffort:
     if reasoning_effort not in _EFFORT:
-        raise ValueError(f"reasoning_effort must be one of low, medium, high; got {reasoning_effort!r}")
+        raise ValueError(
+            f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}; got {reasoning_effort!r}"
+        )
     return _EFFORT[reasoning_effort]
 
 

@@ -4,7 +4,7 @@ No hub access is needed: the BPE ranks come from quicktok, are written out as th
 ``o200k_base.tiktoken`` file (checked against its published sha256), and transformers'
 ``TikTokenConverter`` turns that file into a ``tokenizer.json`` with every harmony special token at its
 real id. The folder is built once per models directory and reused; where a model folder or hub id
-brings its own tokenizer, that one is used instead (``load_tokenizer``).
+brings its own tokenizer, that one is used instead (``app.ml.modeling.load_tokenizer``).
 """
 
 from __future__ import annotations
@@ -159,31 +159,11 @@ def ensure_harmony_assets(models_dir: Path) -> Path:
 
 
 @lru_cache(maxsize=4)
-def _load_fast(folder: str) -> Any:
+def load_fast(folder: str) -> Any:
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast.from_pretrained(folder)
 
 
-def _has_tokenizer(folder: Path) -> bool:
+def has_tokenizer(folder: Path) -> bool:
     return (folder / "tokenizer.json").is_file()
-
-
-def load_tokenizer(model_path_or_id: str, models_dir: Path) -> Any:
-    """The model's own tokenizer when the folder (or reachable hub id) has one, else the offline one.
-
-    Returned objects are cached per folder and shared: treat them as read-only.
-    """
-    from app.ml.modeling import resolve_model_path
-
-    path = Path(resolve_model_path(model_path_or_id, models_dir))
-    if path.is_dir():
-        if _has_tokenizer(path):
-            return _load_fast(str(path.resolve()))
-        return _load_fast(str(ensure_harmony_assets(models_dir).resolve()))
-    try:  # a hub id: only a connected host (or a warm HF cache) has its tokenizer
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(model_path_or_id)
-    except Exception:
-        return _load_fast(str(ensure_harmony_assets(models_dir).resolve()))

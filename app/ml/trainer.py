@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from app.config import GPU_DEFAULT_MODEL_ID, TINY_MODEL_ID
 from app.ml.data import DatasetError, Example, dataset_fingerprint, encode_examples, load_rows, validate_rows
+from app.ml.harmony import ReasoningEffort
 from app.ml.modeling import (
     ATTENTION_TARGETS,
     EXPERT_TARGETS,
@@ -84,7 +85,7 @@ class TrainConfig(BaseModel):
         description="longest tokenised row (gpt-oss context: 131072); longer rows are errors",
     )
     train_on_reasoning: bool = Field(True, description="also put loss on the analysis (reasoning) channel")
-    reasoning_effort: Literal["low", "medium", "high"] = Field(
+    reasoning_effort: ReasoningEffort = Field(
         "medium", description="'Reasoning:' level rendered for rows that do not set their own"
     )
     lora_r: int = Field(8, ge=1, le=256, description="LoRA rank")
@@ -283,7 +284,7 @@ def loss_path(backend: str, on_cuda: bool) -> LossPath:
     - ``model``: the model's own forward with labels. On the Unsloth backend that is Unsloth's
       chunked cross-entropy, exactly what a bare Unsloth loop runs. TRL's fused LM head would replace
       it with TRL's Triton kernel plus entropy and accuracy metrics that sync the GPU three times a
-      step (measured on the H200: the service at 0.81 of a bare Unsloth loop with it).
+      step, which costs a large share of the throughput (BENCHMARKS.md).
     - ``trl``: TRL's fused LM-head loss (transformers + PEFT on CUDA: no full-vocabulary logits).
     - ``masked``: off CUDA, where TRL's kernel (Triton) cannot run: ``_masked_lm_loss``.
     """
@@ -633,8 +634,7 @@ def train(
     backend = pick_backend(cfg.backend)
     if backend == "unsloth":
         # Before the tokenizer (prepare_data) imports transformers: Unsloth patches it, and TRL, only
-        # when imported first. Measured on the H200 before this: "Unsloth should be imported before
-        # [transformers]" in the job, at 0.92 of a bare Unsloth loop's tokens/s.
+        # when imported first; imported later, it warns and trains slower.
         import_unsloth_first()
     hooks = hooks or NullHooks()
     work_dir = Path(work_dir)

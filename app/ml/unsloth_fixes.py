@@ -5,9 +5,9 @@ Expert LoRA and several resident adapters (unsloth_zoo 2026.10.9). Unsloth repla
 through ``unsloth_zoo.temporary_patches.moe_utils._extract_lora_from_wrapper(wrapper)`` with the
 default ``adapter_name="default"``; an adapter not named "default" falls back to
 ``list(wrapper.lora_A)[0]``, the adapter loaded *first*, whatever ``set_adapter`` chose. With two
-adapters resident, the second one was served with the first one's expert weights (seen on the H200,
-2026-11-28; attention LoRA switched correctly). Unsloth's own callers that name an adapter explicitly
-(the routed decode path) are right; only the default-name calls are wrong.
+adapters resident, the second one is served with the first one's expert weights (attention LoRA
+switches correctly; BENCHMARKS.md has the GPU run that showed it). Unsloth's own callers that name
+an adapter explicitly (the routed decode path) are right; only the default-name calls are wrong.
 
 ``make_expert_lora_follow_active_adapter`` wraps that function so a call with the default name
 resolves to the wrapper's active adapter, and to no LoRA at all when the active adapter has none on

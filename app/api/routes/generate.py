@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import SessionDep, SettingsDep, require_scope
+from app.api.deps import SessionDep, SettingsDep, require_scope, resolve_adapter
+from app.api.metrics import observe_generation
 from app.exceptions import ServiceError
 from app.inference import service
 from app.inference.schemas import GenerateRequest, GenerateResponse, Usage
@@ -24,7 +25,7 @@ async def generate(
     body: GenerateRequest, request: Request, session: SessionDep, settings: SettingsDep
 ) -> GenerateResponse | StreamingResponse:
     """Generate a reply; `stream: true` answers with server-sent events (deltas, then a done event)."""
-    engine = await service.ready_engine(request)
+    engine = await service.ready_engine(request.app.state.engine)
     prepared = service.Prepared(
         prompt_ids=service.render(
             body.chat(), developer=body.developer, reasoning_effort=body.reasoning_effort, settings=settings
@@ -35,11 +36,11 @@ async def generate(
             top_p=body.top_p,
             seed=body.seed,
         ),
-        adapter=service.resolve_adapter(session, engine, body.adapter),
+        adapter=resolve_adapter(session, engine, body.adapter),
         stop=list(body.stop or []),
     )
     session.close()  # release the connection before the (long) generation
-    assembler = service.start(engine, prepared)
+    assembler = service.start(engine, prepared, observe_generation)
     meta = {"id": f"gen_{secrets.token_hex(12)}", "model": engine.base_model_id, "adapter": _name(prepared)}
     if body.stream:
         return StreamingResponse(_events(assembler, meta), media_type="text/event-stream")

@@ -8,18 +8,19 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from app.api.paths import HEALTHZ, READYZ
 from app.db import current_revision, head_revision
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get(HEALTHZ)
 def healthz() -> dict[str, str]:
     """The process is up and serving HTTP."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "Some check failed; the body says which."}})
+@router.get(READYZ, responses={503: {"description": "Some check failed; the body says which."}})
 def readyz(request: Request) -> JSONResponse:
     """Ready: the database answers, its schema is at the newest migration, the base model is loaded."""
     checks = {"database": _database(request), "migrations": _migrations(request), "model": _model(request)}

@@ -20,7 +20,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session
 
-from app.api.deps import SessionDep, SettingsDep, require_scope
+from app.api.deps import SessionDep, SettingsDep, require_scope, resolve_adapter
+from app.api.metrics import observe_generation
 from app.exceptions import InvalidInput, NotFound, ServiceError
 from app.inference import service
 from app.inference.engine import InferenceEngine
@@ -32,7 +33,7 @@ _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate
 
 
 def openai_error(exc: ServiceError) -> JSONResponse:
-    return JSONResponse(_error_body(exc), status_code=exc.status, headers=service.retry_headers(exc))
+    return JSONResponse(_error_body(exc), status_code=exc.status, headers=exc.headers())
 
 
 def _error_body(exc: ServiceError) -> dict[str, Any]:
@@ -107,7 +108,7 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, session: SessionDep, settings: SettingsDep
 ) -> dict[str, Any] | StreamingResponse:
     """Chat completion with `reasoning_effort` honoured and the reasoning in `reasoning_content`."""
-    engine = await service.ready_engine(request)
+    engine = await service.ready_engine(request.app.state.engine)
     wanted = body.max_completion_tokens or body.max_tokens or settings.max_new_tokens_cap
     field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     prepared = service.Prepared(
@@ -124,7 +125,7 @@ async def chat_completions(
         stop=list(body.stop or []),
     )
     session.close()  # release the connection before the (long) generation
-    assembler = service.start(engine, prepared)
+    assembler = service.start(engine, prepared, observe_generation)
     meta = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": body.model}
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -138,7 +139,7 @@ def _adapter_for_model(session: Session, engine: InferenceEngine, model: str) ->
     if model == engine.base_model_id:
         return None
     try:
-        return service.resolve_adapter(session, engine, model)
+        return resolve_adapter(session, engine, model)
     except NotFound:
         raise NotFound(
             f"model {model!r} does not exist; GET /v1/models lists the base and every adapter", field="model"

@@ -1,0 +1,56 @@
+"""Domain errors (app.exceptions) as HTTP responses, in one shape: `{"error": {"code", "message",
+"field"}}` plus the error's own headers (Retry-After on 503 and 429)."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
+
+from app.exceptions import ServiceError
+
+
+def error_response(exc: ServiceError) -> JSONResponse:
+    return JSONResponse({"error": exc.to_dict()}, status_code=exc.status, headers=exc.headers() or None)
+
+
+async def send_error(send: Send, exc: ServiceError) -> None:
+    """The same response, sent by ASGI middleware that answers before the app runs."""
+    body = json.dumps({"error": exc.to_dict()}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(name.lower().encode(), value.encode()) for name, value in exc.headers().items()]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _validation_response(exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422, in our error shape; the message names the field and what was wrong with it."""
+    first = exc.errors()[0]
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    field = ".".join(loc) or "body"
+    message = f"{field}: {first.get('msg', 'invalid')}"
+    details = jsonable_encoder(exc.errors(), custom_encoder={Exception: str})
+    body = {"code": "invalid_input", "message": message, "field": field, "details": details}
+    return JSONResponse({"error": body}, status_code=422)
+
+
+def install(app: FastAPI) -> None:
+    """The exception handlers; called once by create_app."""
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_req: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        body = {"code": f"http_{exc.status_code}", "message": str(exc.detail), "field": None}
+        return JSONResponse({"error": body}, status_code=exc.status_code, headers=exc.headers)
