@@ -7,6 +7,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI
 
 from app.ml.modeling import import_unsloth_first
@@ -37,6 +38,8 @@ Every route but `{HEALTHZ}` and `{READYZ}` needs `Authorization: Bearer <key>`."
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    # The thread pool that runs blocking route code; app.db sizes the SQLite pool from the same setting.
+    anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
     upgrade_to_head(settings)  # also run by every worker; a file lock serialises them
     if settings.auth == "none":
         log.warning(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -31,20 +31,32 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.sessionmaker() as session:
+# Why the session dependencies are async and scope="function": a sync dependency with yield runs its
+# exit code in the thread pool, after the response is sent. Under load every pool thread is busy with
+# a request that waits for a database connection, while the connections are held by finished
+# requests whose exit code waits for a thread: nothing moves until the pool's timeout, and each
+# waiting request ends in a 500. Here the session is closed on the event loop as soon as the route
+# function returns, so a request holds a connection only while its route runs.
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    session: Session = request.app.state.sessionmaker()
+    try:
         yield session
+    finally:
+        session.close()
 
 
-def get_write_session(request: Request) -> Iterator[Session]:
+async def get_write_session(request: Request) -> AsyncIterator[Session]:
     """For routes that read and then write (BEGIN IMMEDIATE on SQLite; see app.db.make_sessionmaker)."""
-    with request.app.state.write_sessionmaker() as session:
+    session: Session = request.app.state.write_sessionmaker()
+    try:
         yield session
+    finally:
+        session.close()
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-SessionDep = Annotated[Session, Depends(get_session)]
-WriteSessionDep = Annotated[Session, Depends(get_write_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+WriteSessionDep = Annotated[Session, Depends(get_write_session, scope="function")]
 
 # auto_error=False: a missing header is our 401 with our error body, not FastAPI's 403.
 _bearer = HTTPBearer(auto_error=False, description="An API key from scripts/create_api_key.py")

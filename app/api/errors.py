@@ -4,15 +4,20 @@
 from __future__ import annotations
 
 import json
+import logging
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Send
 
-from app.exceptions import ServiceError
+from app.exceptions import Busy, ServiceError
+
+log = logging.getLogger("gptoss")
 
 
 def error_response(exc: ServiceError) -> JSONResponse:
@@ -49,6 +54,16 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
         return _validation_response(exc)
+
+    @app.exception_handler(SQLAlchemyTimeoutError)
+    async def _pool_exhausted(_req: Request, _exc: SQLAlchemyTimeoutError) -> JSONResponse:
+        return error_response(Busy("every database connection is in use; retry after 1 s", retry_after=1))
+
+    @app.exception_handler(OperationalError)
+    async def _database_busy(_req: Request, exc: OperationalError) -> JSONResponse:
+        # "database is locked" past busy_timeout, or a database server that went away: both pass.
+        log.warning("database error answered as 503: %s", exc.orig)
+        return error_response(Busy("the database is busy or unreachable; retry after 2 s", retry_after=2))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
