@@ -19,7 +19,7 @@ if os.environ.get("GPTOSS_BACKEND", "auto").strip().lower() != "hf":
 from app import queue  # noqa: E402
 from app.api import errors, metrics, middleware
 from app.api.paths import HEALTHZ, READYZ
-from app.api.routes import adapters, files, generate, health, jobs, openai_compat, plots
+from app.api.routes import adapters, console, docs, files, generate, health, jobs, openai_compat, plots
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker, upgrade_to_head
 from app.inference.engine import create_engine
@@ -71,14 +71,21 @@ def _training_probe(app: FastAPI) -> TrainingProbe:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(title="gpt-oss tuner", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="gpt-oss tuner",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # app.api.routes.docs serves /docs and /redoc with local assets (no CDN)
+        redoc_url=None,
+    )
     app.state.settings = settings
     app.state.db = make_engine(settings)
     app.state.sessionmaker = make_sessionmaker(app.state.db)
     app.state.write_sessionmaker = make_sessionmaker(app.state.db, immediate=True)
     configure_logging(settings)
     errors.install(app)
-    for module in (health, files, jobs, adapters, generate, openai_compat, plots):
+    for module in (health, files, jobs, adapters, generate, openai_compat, plots, docs, console):
         app.include_router(module.router)
     middleware.install(app, settings)
     metrics.install(app)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 import time
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
@@ -12,8 +13,20 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from app.db import utcnow
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-ACTIVE_STATUSES = ("queued", "running")
+
+class JobStatus(StrEnum):
+    """A job's status; the values are the strings stored in jobs.status and shown by the API."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+JOB_STATUSES = tuple(JobStatus)
+ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
+FINAL_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 def new_id(prefix: str) -> str:
@@ -48,7 +61,7 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ftjob"))
     name: Mapped[str | None] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
     priority: Mapped[int] = mapped_column(Integer, default=0)
     base_model: Mapped[str] = mapped_column(String(255))
     dataset: Mapped[str] = mapped_column(Text)  # the source as given: file id, sample:<name>, hf:<id>

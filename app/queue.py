@@ -1,4 +1,4 @@
-"""Every job state change, each one guarded SQL.
+"""The jobs and job_events tables: every job state change, each one guarded SQL, and their reads.
 
 A transition is `UPDATE jobs ... WHERE id=:id AND status IN (...)` (plus the owning worker where one
 owns the job); zero rows updated raises TransitionError, so two parties can never both move a job.
@@ -9,26 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.config import Settings
 from app.db import immediate_session, utcnow
-from app.exceptions import Conflict, DatasetInvalid, InvalidInput, NotFound, TransitionError
-from app.ml.data import DatasetError, encode_examples, load_rows, sample_names, validate_rows
-from app.models import FileRecord, Job, JobEvent
-
-FINAL_STATUSES = ("succeeded", "failed", "cancelled")
-HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-
+from app.exceptions import Conflict, NotFound, TransitionError
+from app.models import ACTIVE_STATUSES, FINAL_STATUSES, Job, JobEvent, JobStatus
+from app.pagination import PageRows, paginate
 
 # --- creation ---------------------------------------------------------------------------------------
 
@@ -120,47 +113,60 @@ def get_job(session: Session, job_id: str) -> Job:
 
 def queue_position(session: Session, job: Job) -> int | None:
     """1-based place in the claim order (priority first, then age); None unless queued."""
-    if job.status != "queued":
+    if job.status != JobStatus.QUEUED:
         return None
     ahead = session.scalar(
         select(func.count())
         .select_from(Job)
         .where(
-            Job.status == "queued",
+            Job.status == JobStatus.QUEUED,
             or_(Job.priority > job.priority, and_(Job.priority == job.priority, Job.id < job.id)),
         )
     )
     return int(ahead or 0) + 1
 
 
-def list_jobs(
-    session: Session, *, status: str | None, after: str | None, limit: int
-) -> tuple[list[Job], bool]:
+def list_jobs(session: Session, *, status: str | None, after: str | None, limit: int) -> PageRows:
     """Newest first; `after` is the last id of the previous page."""
-    query = select(Job).order_by(Job.id.desc()).limit(limit + 1)
+    query = select(Job)
     if status:
         query = query.where(Job.status == status)
-    if after:
-        query = query.where(Job.id < after)
-    rows = list(session.scalars(query))
-    return rows[:limit], len(rows) > limit
+    return paginate(session, query, Job.id, after=after, limit=limit)
 
 
-def list_events(
-    session: Session, job_id: str, *, after: int, limit: int, kind: str | None
-) -> tuple[list[JobEvent], bool]:
-    query = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
+def list_events(session: Session, job_id: str, *, after: int, limit: int, kind: str | None) -> PageRows:
+    """Oldest first; `after` is the last event id already seen."""
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
     if kind:
         query = query.where(JobEvent.kind == kind)
-    rows = list(session.scalars(query.order_by(JobEvent.id).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return paginate(session, query, JobEvent.id, after=after, limit=limit, newest_first=False)
 
 
-def jobs_using_file(session: Session, record: FileRecord) -> Sequence[str]:
-    """Active jobs that read this upload, as their dataset or as hyperparameters.eval_dataset (the
-    config holds the upload's resolved path there, see resolve_dataset)."""
-    uses = or_(Job.file_id == record.id, Job.config["eval_dataset"].as_string() == record.path)
-    query = select(Job.id).where(uses, Job.status.in_(("queued", "running")))
+def metrics_at(session: Session, job_id: str, steps: list[int]) -> dict[int, dict[str, Any]]:
+    """The training metrics recorded at these steps (e.g. the checkpoints'), by step."""
+    rows = session.scalars(
+        select(JobEvent).where(
+            JobEvent.job_id == job_id, JobEvent.kind == "metrics", JobEvent.step.in_(steps)
+        )
+    )
+    return {row.step: row.data for row in rows if row.step is not None and row.data is not None}
+
+
+def metrics_series(session: Session, job_id: str) -> list[tuple[int, dict[str, Any]]]:
+    """Every training metrics record of a job as (step, data), in the order they were written."""
+    query = (
+        select(JobEvent.step, JobEvent.data)
+        .where(JobEvent.job_id == job_id, JobEvent.kind == "metrics", JobEvent.step.is_not(None))
+        .order_by(JobEvent.id)
+    )
+    return [(step, data or {}) for step, data in session.execute(query)]
+
+
+def jobs_using_file(session: Session, file_id: str) -> Sequence[str]:
+    """Active jobs that read this upload, as their dataset or as hyperparameters.eval_dataset (both
+    hold the file id: app.datasets resolves it to the stored path only when the data is read)."""
+    uses = or_(Job.file_id == file_id, Job.config["eval_dataset"].as_string() == file_id)
+    query = select(Job.id).where(uses, Job.status.in_(ACTIVE_STATUSES))
     return list(session.scalars(query))
 
 
@@ -205,7 +211,7 @@ def claim_next(engine: Engine, worker_id: str, lease_s: float) -> Job | None:
     with immediate_session(engine) as session:
         next_id = (
             select(Job.id)
-            .where(Job.status == "queued")
+            .where(Job.status == JobStatus.QUEUED)
             .order_by(Job.priority.desc(), Job.id)
             .limit(1)
             .scalar_subquery()
@@ -213,9 +219,9 @@ def claim_next(engine: Engine, worker_id: str, lease_s: float) -> Job | None:
         claimed = session.execute(
             update(Job)
             # The status guard again: off SQLite, a concurrent claim can win the row after our sub-select.
-            .where(Job.id == next_id, Job.status == "queued")
+            .where(Job.id == next_id, Job.status == JobStatus.QUEUED)
             .values(
-                status="running",
+                status=JobStatus.RUNNING,
                 worker_id=worker_id,
                 attempts=Job.attempts + 1,
                 heartbeat_at=now,
@@ -245,7 +251,7 @@ def heartbeat(session: Session, job_id: str, worker_id: str, lease_s: float) -> 
     _transition(
         session,
         job_id,
-        ["running"],
+        [JobStatus.RUNNING],
         owner=worker_id,
         heartbeat_at=now,
         lease_until=now + timedelta(seconds=lease_s),
@@ -267,7 +273,7 @@ def requeue_expired(session: Session) -> list[tuple[str, str]]:
     now = utcnow()
     stale = session.execute(
         select(Job.id, Job.attempts, Job.max_attempts, Job.cancel_requested, Job.worker_id).where(
-            Job.status == "running", Job.lease_until < now
+            Job.status == JobStatus.RUNNING, Job.lease_until < now
         )
     ).all()
     changed = []
@@ -275,7 +281,7 @@ def requeue_expired(session: Session) -> list[tuple[str, str]]:
         values, status, reason = _expired_outcome(attempts, max_attempts, cancel, worker)
         result = session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status == "running", Job.lease_until < now)
+            .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.lease_until < now)
             .values(status=status, worker_id=None, lease_until=None, updated_at=now, **values),
             execution_options={"synchronize_session": False},
         )
@@ -291,24 +297,24 @@ def _expired_outcome(
 ) -> tuple[dict[str, Any], str, str]:
     reason = f"worker {worker} stopped heartbeating during attempt {attempts} of {max_attempts}"
     if cancel:
-        return {"finished_at": utcnow()}, "cancelled", reason
+        return {"finished_at": utcnow()}, JobStatus.CANCELLED, reason
     if attempts >= max_attempts:
         values = {
             "finished_at": utcnow(),
             "error_code": "worker_lost",
             "error_message": f"{reason}; no attempts left",
         }
-        return values, "failed", reason
-    return {}, "queued", f"{reason}; will resume from the last checkpoint"
+        return values, JobStatus.FAILED, reason
+    return {}, JobStatus.QUEUED, f"{reason}; will resume from the last checkpoint"
 
 
 def finish_succeeded(session: Session, job_id: str, worker_id: str, *, adapter_id: str, backend: str) -> None:
     _transition(
         session,
         job_id,
-        ["running"],
+        [JobStatus.RUNNING],
         owner=worker_id,
-        status="succeeded",
+        status=JobStatus.SUCCEEDED,
         adapter_id=adapter_id,
         backend=backend,
         finished_at=utcnow(),
@@ -322,9 +328,9 @@ def finish_failed(session: Session, job_id: str, worker_id: str, *, code: str, m
     _transition(
         session,
         job_id,
-        ["running"],
+        [JobStatus.RUNNING],
         owner=worker_id,
-        status="failed",
+        status=JobStatus.FAILED,
         error_code=code,
         error_message=message,
         finished_at=utcnow(),
@@ -338,9 +344,9 @@ def finish_cancelled(session: Session, job_id: str, worker_id: str) -> None:
     _transition(
         session,
         job_id,
-        ["running"],
+        [JobStatus.RUNNING],
         owner=worker_id,
-        status="cancelled",
+        status=JobStatus.CANCELLED,
         finished_at=utcnow(),
         lease_until=None,
     )
@@ -353,9 +359,9 @@ def release(session: Session, job_id: str, worker_id: str, reason: str) -> None:
     _transition(
         session,
         job_id,
-        ["running"],
+        [JobStatus.RUNNING],
         owner=worker_id,
-        status="queued",
+        status=JobStatus.QUEUED,
         worker_id=None,
         lease_until=None,
         attempts=Job.attempts - 1,
@@ -371,11 +377,11 @@ def request_cancel(session: Session, job_id: str) -> Job:
     """Queued: cancelled at once. Running: flagged; its worker stops it in seconds, keeping checkpoints."""
     job = get_job(session, job_id)
     try:
-        if job.status == "queued":
-            _transition(session, job_id, ["queued"], status="cancelled", finished_at=utcnow())
+        if job.status == JobStatus.QUEUED:
+            _transition(session, job_id, [JobStatus.QUEUED], status=JobStatus.CANCELLED, finished_at=utcnow())
             add_event(session, job_id, "status", message="cancelled while queued")
         else:
-            _transition(session, job_id, ["running"], cancel_requested=True)
+            _transition(session, job_id, [JobStatus.RUNNING], cancel_requested=True)
             add_event(session, job_id, "status", message="cancel requested")
     except TransitionError:
         session.rollback()
@@ -407,7 +413,7 @@ def record_step(session: Session, job_id: str, worker_id: str, attempt: int, met
         values["train_loss"] = train_loss
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == "running", Job.worker_id == worker_id)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.worker_id == worker_id)
         .values(updated_at=utcnow(), **values),
         execution_options={"synchronize_session": False},
     )
@@ -435,77 +441,12 @@ def record_backend(session: Session, job_id: str, worker_id: str, backend: str) 
 def _record_owned(session: Session, job_id: str, worker_id: str, **values: Any) -> bool:
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == "running", Job.worker_id == worker_id)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.worker_id == worker_id)
         .values(updated_at=utcnow(), **values),
         execution_options={"synchronize_session": False},
     )
     session.commit()
     return bool(result.rowcount)  # type: ignore[attr-defined]
-
-
-# --- datasets (checked by the API before queueing, resolved again by the child) ---------------------------
-
-
-def resolve_dataset(session: Session, dataset: str) -> tuple[str, str | None]:
-    """The source string app.ml.data.load_rows reads, and the file id when it is an upload."""
-    if dataset.startswith("file_"):
-        record = session.get(FileRecord, dataset)
-        if record is None:
-            raise NotFound(f"file {dataset!r} does not exist; upload it with POST /files", field="dataset")
-        return record.path, record.id
-    if dataset.startswith("sample:"):
-        return dataset, None
-    if dataset.startswith("hf:"):
-        if not HF_ID.fullmatch(dataset.removeprefix("hf:")):
-            raise InvalidInput("dataset", "hf:<dataset id> needs an id like owner/name")
-        return dataset, None
-    if dataset in sample_names():
-        return f"sample:{dataset}", None
-    raise InvalidInput("dataset", "must be an uploaded file id (file_...), sample:<name> or hf:<dataset id>")
-
-
-def validate_dataset_file(path: Path, settings: Settings) -> int:
-    """Read and validate a whole dataset; DatasetInvalid names the first bad row. Returns the row count."""
-    return len(load_dataset(str(path), settings, field="file"))
-
-
-def check_job_datasets(config: dict[str, Any], settings: Settings) -> None:
-    """Before queueing: load, validate and encode (harmony-render) the job's dataset and eval_dataset,
-    so a row longer than max_seq_length fails now, naming the row, rather than in the worker.
-    hf: datasets need the network, which only the worker may have; it checks them."""
-    sources = [("dataset", config["dataset"]), ("hyperparameters.eval_dataset", config.get("eval_dataset"))]
-    for field, source in sources:
-        if source and not source.startswith("hf:"):
-            _check_encodes(load_dataset(source, settings, field=field), config, settings, field)
-
-
-def _check_encodes(examples: list[Any], config: dict[str, Any], settings: Settings, field: str) -> None:
-    from app.ml.tokenizer import ensure_harmony_assets
-
-    ensure_harmony_assets(settings.models_path)  # the offline o200k_harmony files the renderer reads
-    try:
-        encode_examples(
-            examples,
-            max_seq_length=config["max_seq_length"],
-            default_effort=config["reasoning_effort"],
-            train_on_reasoning=config["train_on_reasoning"],
-        )
-    except DatasetError as err:
-        raise DatasetInvalid(field, str(err), row=err.row or None) from None
-
-
-def load_dataset(source: str, settings: Settings, *, field: str = "dataset") -> list[Any]:
-    try:
-        rows = load_rows(
-            source,
-            data_dir=settings.data_dir,
-            max_rows=settings.max_dataset_rows,
-            max_bytes=settings.max_upload_bytes,
-        )
-        return list(validate_rows(rows, max_rows=settings.max_dataset_rows))
-    except DatasetError as err:
-        # Whole-file problems (row 0) read better without the "field 'dataset'" preamble.
-        raise DatasetInvalid(field, str(err) if err.row else err.reason, row=err.row or None) from None
 
 
 # --- read at /metrics scrape time and by the inference engine's GPU-release probe ------------------

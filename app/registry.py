@@ -1,24 +1,23 @@
 """The adapter registry: rows in `adapters`, each pointing at a finished folder under data_dir/adapters.
 
 Files first, then the row: an adapter row only ever points at a complete folder (the trainer renames
-the folder into place atomically), so the inference side never loads a half-written adapter.
+the folder into place atomically, and `app.adapter_folder.check_for_registration` checks it before the
+row is added), so the inference side never loads a half-written adapter. The folder itself (its
+manifest, writing, deleting) belongs to app.adapter_folder.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app import adapter_folder
 from app.exceptions import Conflict, NotFound
 from app.models import Adapter
-
-MANIFEST = "manifest.json"
+from app.pagination import PageRows, paginate
 
 
 def find_adapter(session: Session, ref: str) -> Adapter:
@@ -29,20 +28,13 @@ def find_adapter(session: Session, ref: str) -> Adapter:
     return adapter
 
 
-def list_adapters(session: Session, *, after: str | None = None, limit: int = 100) -> list[Adapter]:
+def get_adapter(session: Session, adapter_id: str) -> Adapter | None:
+    return session.get(Adapter, adapter_id)
+
+
+def list_adapters(session: Session, *, after: str | None = None, limit: int = 100) -> PageRows:
     """Newest first; `after` is the last id of the previous page."""
-    query = select(Adapter).order_by(Adapter.id.desc()).limit(limit)
-    if after:
-        query = query.where(Adapter.id < after)
-    return list(session.scalars(query))
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the adapter folder is incomplete")
-    data: dict[str, Any] = json.loads(path.read_text())
-    return data
+    return paginate(session, select(Adapter), Adapter.id, after=after, limit=limit)
 
 
 def register_adapter(
@@ -52,7 +44,7 @@ def register_adapter(
     existing = session.get(Adapter, adapter_id)
     if existing is not None:
         return existing
-    manifest = read_manifest(folder)
+    manifest = adapter_folder.check_for_registration(folder)
     adapter = Adapter(
         id=adapter_id,
         name=name,
@@ -72,13 +64,3 @@ def register_adapter(
             f"an adapter named {name!r} already exists; pick another suffix", field="suffix"
         ) from None
     return adapter
-
-
-def delete_adapter_files(path: str) -> None:
-    """Rename first, then delete: a reader sees the whole folder or none of it."""
-    folder = Path(path)
-    if not folder.exists():
-        return
-    trash = folder.with_name(f".deleting-{folder.name}")
-    folder.rename(trash)
-    shutil.rmtree(trash, ignore_errors=True)

@@ -7,7 +7,9 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+from app.ml.train_config import Hyperparameters
+from app.models import JobStatus
+
 T = TypeVar("T")
 
 MAX_METADATA_KEYS = 16
@@ -43,7 +45,7 @@ class FilePublic(BaseModel):
 
 
 class JobCreate(BaseModel):
-    """A fine-tuning job. `hyperparameters` are the fields of app.ml.trainer.TrainConfig (see its help)."""
+    """A fine-tuning job. `hyperparameters`: the training options a client may set (Hyperparameters)."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -69,8 +71,9 @@ class JobCreate(BaseModel):
         max_length=512,
         description="An uploaded file id (file_...), a bundled sample (sample:<name>) or hf:<dataset id>.",
     )
-    hyperparameters: dict[str, Any] = Field(
-        default_factory=dict, description="Training and LoRA options, validated by TrainConfig."
+    hyperparameters: Hyperparameters = Field(
+        default_factory=Hyperparameters,
+        description="Training and LoRA options; each has its type, default, limits and help below.",
     )
     suffix: str | None = Field(
         None,

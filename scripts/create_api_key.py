@@ -11,9 +11,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.api.deps import SCOPES, create_api_key  # noqa: E402
 from app.config import get_settings  # noqa: E402
 from app.db import make_engine, make_sessionmaker, upgrade_to_head  # noqa: E402
+from app.keys import SCOPES, create_api_key  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--adapter", type=Path, required=True, help="adapter folder (with manifest.json)")
+    parser.add_argument("--adapter", type=Path, required=True, help="adapter folder, as training wrote it")
     parser.add_argument("--out", type=Path, required=True, help="new folder for the merged model")
     parser.add_argument("--base", default=None, help="base model; default: the one in the adapter's manifest")
     parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)

@@ -21,8 +21,9 @@ from app.ml.modeling import import_unsloth_first  # noqa: E402
 
 import_unsloth_first()
 
+from app import adapter_folder  # noqa: E402
 from app.config import Settings  # noqa: E402
-from app.ml.export import check_fits, read_manifest  # noqa: E402
+from app.ml.export import check_fits  # noqa: E402
 from app.ml.generation import generate_ids  # noqa: E402
 from app.ml.harmony import REASONING_EFFORTS, parse_completion, render_prompt  # noqa: E402
 from app.ml.modeling import LoadedBase, cuda_available, load_base  # noqa: E402
@@ -44,7 +45,7 @@ def _with_adapter(loaded: LoadedBase, adapter: Path | None) -> Any:
         return loaded.model
     from peft import PeftModel
 
-    check_fits(read_manifest(adapter), loaded.model.config, loaded.model_id)
+    check_fits(adapter, loaded.model.config, loaded.model_id)
     return PeftModel.from_pretrained(loaded.model, str(adapter)).eval()
 
 
@@ -64,9 +65,10 @@ def main() -> int:
     parser.add_argument("--backend", default="auto", choices=["auto", "unsloth", "hf"])
     args = parser.parse_args()
     settings = Settings()
-    base = args.base or (
-        read_manifest(args.adapter)["base_model"] if args.adapter else settings.resolved_base_model()
-    )
+    if args.base or not args.adapter:
+        base = args.base or settings.resolved_base_model()
+    else:
+        base = adapter_folder.read_manifest(args.adapter)["base_model"]
     loaded = _load(base, args, settings.models_path)
     model = _with_adapter(loaded, args.adapter)
     prompt = render_prompt(

@@ -241,3 +241,50 @@ def test_bad_list_queries_name_the_field(
     response = svc_client.get(path.format(id=job["id"]), params=params)
     assert response.status_code == 422, response.text
     assert response.json()["error"]["field"] == field
+
+
+@pytest.mark.parametrize("field", ["dataset", "hyperparameters.eval_dataset"])
+def test_a_sample_reference_is_a_bundled_name_never_a_path(svc_client: TestClient, field: str) -> None:
+    """sample:<name> names one of app.ml.data.sample_names(); a path is refused naming the field, and
+    the answer is the same whether the file it points at exists on the server or not."""
+    answers = []
+    for path in ["../../../../etc/passwd", "../samples/capitals", "../../no/such/file"]:
+        ref = f"sample:{path}"
+        body: dict[str, Any] = {"dataset": ref, "hyperparameters": SMALL_TRAINING}
+        if field != "dataset":
+            body = {"dataset": "sample:capitals", "hyperparameters": {**SMALL_TRAINING, "eval_dataset": ref}}
+        response = svc_client.post("/jobs", json=body)
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["field"] == field and "bundled sample" in error["message"]
+        answers.append(error["message"])
+    assert len(set(answers)) == 1  # nothing in the text depends on the server's files
+    assert svc_client.get("/jobs").json()["data"] == []
+
+
+def test_a_hyperparameter_typo_is_refused_naming_it(svc_client: TestClient) -> None:
+    response = svc_client.post(
+        "/jobs", json={"dataset": "sample:capitals", "hyperparameters": {"lora_rank": 8}}
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["field"] == "hyperparameters.lora_rank" and "not permitted" in error["message"]
+    # Fields the server owns are not hyperparameters either.
+    for owned in ["backend", "load_in_4bit", "base_model", "seed", "max_bytes"]:
+        refused = svc_client.post("/jobs", json={"dataset": "sample:capitals", "hyperparameters": {owned: 1}})
+        assert refused.json()["error"]["field"] == f"hyperparameters.{owned}", owned
+
+
+def test_openapi_documents_every_hyperparameter(svc_client: TestClient) -> None:
+    schemas = svc_client.get("/openapi.json").json()["components"]["schemas"]
+    hyper = schemas["Hyperparameters"]
+    assert hyper["additionalProperties"] is False
+    assert schemas["JobCreate"]["properties"]["hyperparameters"]["$ref"].endswith("/Hyperparameters")
+    lora_r = hyper["properties"]["lora_r"]
+    assert lora_r == {"type": "integer", "minimum": 1, "maximum": 256, "default": 8, "title": "Lora R",
+                      "description": "LoRA rank"}  # fmt: skip
+    assert "learning rate" in hyper["properties"]["learning_rate"]["description"]
+    for name, prop in hyper["properties"].items():  # optional ones (default None) show as nullable
+        assert prop.get("description"), name
+        assert "default" in prop or {"type": "null"} in prop.get("anyOf", []), name
+    assert not {"dataset", "base_model", "backend", "max_rows", "seed"} & set(hyper["properties"])

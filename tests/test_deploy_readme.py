@@ -165,10 +165,10 @@ def test_curl_examples_name_real_routes_with_valid_bodies(routes: list[Route]) -
 def _check_body(route: Route, body: dict[str, Any]) -> None:
     assert route.body_schema, f"README sends a JSON body to {route.template}, which takes none"
     _body_model(route.body_schema).model_validate(body)
-    if "hyperparameters" in body:  # the jobs route validates these against TrainConfig
-        from app.ml.trainer import TrainConfig
+    if "hyperparameters" in body:  # JobCreate.hyperparameters: the client's part of TrainConfig
+        from app.ml.train_config import Hyperparameters
 
-        TrainConfig.model_validate(body["hyperparameters"])
+        Hyperparameters.model_validate(body["hyperparameters"])
 
 
 def test_generate_example_uses_an_adapter_and_reasoning_effort() -> None:

@@ -8,10 +8,12 @@ import sys
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
+from sqlalchemy.orm import Session
 
+from app import datasets
 from app.config import Settings
 from app.db import current_revision, downgrade_to, head_revision, make_engine, upgrade_to_head
-from app.models import Base
+from app.models import Base, FileRecord, Job
 from tests.fixtures_service import ROOT, worker_env
 
 TABLES = {"files", "jobs", "job_events", "adapters", "api_keys"}
@@ -51,3 +53,32 @@ def test_processes_starting_together_all_migrate_safely(svc_settings: Settings) 
     outputs = [proc.communicate(timeout=120)[0].decode() for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0, 0], outputs
     assert current_revision(make_engine(svc_settings)) == head_revision()
+
+
+def test_0002_turns_stored_dataset_paths_into_references(svc_settings: Settings) -> None:
+    """Jobs queued before 0002 held an upload's server path in their config; after it, the reference
+    (the file id) that app.datasets resolves when the child reads the data. And back down again."""
+    engine = make_engine(svc_settings)
+    upgrade_to_head(svc_settings)
+    downgrade_to(svc_settings, "0001")
+    path = str(svc_settings.uploads_dir / "abc.jsonl")
+    with Session(engine) as session:  # the tables are the same in 0001: the models can write them
+        session.add(FileRecord(id="file_1", filename="t.jsonl", bytes=1, rows=1, sha256="abc", path=path))
+        session.flush()
+        old = {"dataset": path, "eval_dataset": path, "max_steps": 2}
+        job = Job(id="ftjob_1", base_model="tiny-gpt-oss", dataset="file_1", file_id="file_1", config=old)
+        session.add(job)
+        bare = {"dataset": "sample:capitals", "eval_dataset": None}
+        session.add(Job(id="ftjob_2", base_model="tiny-gpt-oss", dataset="capitals", config=bare))
+        session.commit()
+    upgrade_to_head(svc_settings)
+    with Session(engine) as session:
+        upload, sample = session.get(Job, "ftjob_1"), session.get(Job, "ftjob_2")
+        assert upload is not None and sample is not None
+        assert upload.config == {"dataset": "file_1", "eval_dataset": "file_1", "max_steps": 2}
+        assert (sample.dataset, sample.config["dataset"]) == ("sample:capitals", "sample:capitals")
+        assert datasets.resolve_sources(session, upload.config) == {"dataset": path, "eval_dataset": path}
+    downgrade_to(svc_settings, "0001")
+    with Session(engine) as session:
+        restored = session.get(Job, "ftjob_1")
+        assert restored is not None and restored.config["dataset"] == restored.config["eval_dataset"] == path

@@ -126,7 +126,7 @@ def test_resumed_steps_replace_the_abandoned_attempts_records(svc_settings: Sett
         session.execute(update(Job).values(worker_id="w2", attempts=2))
         session.commit()
         assert queue.record_step(session, job_id, "w2", 2, {"step": 3, "loss": 0.3})
-        events, _ = queue.list_events(session, job_id, after=0, limit=100, kind="metrics")
+        events = queue.list_events(session, job_id, after=0, limit=100, kind="metrics").rows
         assert [(e.step, e.attempt) for e in events] == [(1, 1), (2, 1), (3, 2)]
         assert queue.get_job(session, job_id).train_loss == 0.3
 

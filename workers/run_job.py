@@ -25,12 +25,12 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from app import queue
+from app import adapter_folder, datasets, queue
 from app.config import Settings, get_settings
 from app.db import make_engine
 from app.exceptions import ServiceError
 from app.ml.data import DatasetError
-from app.models import Job
+from app.models import Job, JobStatus
 
 log = logging.getLogger("workers.run_job")
 
@@ -125,16 +125,16 @@ def train_job(settings: Settings, engine: Engine, job: Job, hooks: JobHooks) -> 
     adapter_id, adapter_name = adapter_identity(job)
     output_dir = settings.adapters_dir / adapter_id
     done = {
-        "status": "succeeded",
+        "status": JobStatus.SUCCEEDED,
         "adapter_id": adapter_id,
         "adapter_name": adapter_name,
         "adapter_path": str(output_dir.resolve()),
     }
-    if (output_dir / "manifest.json").is_file():  # an earlier attempt finished the files, then died
-        return {**done, "backend": json.loads((output_dir / "manifest.json").read_text()).get("backend")}
-    with Session(engine) as session:
-        source, _ = queue.resolve_dataset(session, job.dataset)
-    config = TrainConfig(**{**job.config, "dataset": source})
+    if adapter_folder.is_complete(output_dir):  # an earlier attempt finished the files, then died
+        return {**done, "backend": adapter_folder.read_manifest(output_dir).get("backend")}
+    with Session(engine) as session:  # the job stores references; the data is read from these sources
+        sources = datasets.resolve_sources(session, job.config)
+    config = TrainConfig(**{**job.config, **sources})
     # load_base picks the backend with this same function; recording it before the (long) load
     # means running, failed and cancelled jobs show it too, not only succeeded ones.
     hooks.on_backend(pick_backend(config.backend))
@@ -164,16 +164,16 @@ def run(job_id: str) -> dict[str, Any]:
     try:
         return train_job(settings, engine, job, hooks)
     except ServiceError as err:
-        return {"status": "failed", "code": err.code, "message": err.message}
+        return {"status": JobStatus.FAILED, "code": err.code, "message": err.message}
     except DatasetError as err:  # e.g. the uploaded file was changed or removed after it was checked
-        return {"status": "failed", "code": "invalid_dataset", "message": str(err)}
+        return {"status": JobStatus.FAILED, "code": "invalid_dataset", "message": str(err)}
     except (ValueError, FileNotFoundError) as err:  # config and data problems: the user's to fix
         log.error("job %s failed: %s", job_id, traceback.format_exc())
-        return {"status": "failed", "code": "invalid_job", "message": f"{type(err).__name__}: {err}"}
+        return {"status": JobStatus.FAILED, "code": "invalid_job", "message": f"{type(err).__name__}: {err}"}
     except Exception as err:  # anything else the training raised; a hard crash never gets here
         log.error("job %s failed: %s", job_id, traceback.format_exc())
         code = "out_of_memory" if "out of memory" in str(err).lower() else "training_error"
-        return {"status": "failed", "code": code, "message": f"{type(err).__name__}: {err}"[:2000]}
+        return {"status": JobStatus.FAILED, "code": code, "message": f"{type(err).__name__}: {err}"[:2000]}
 
 
 def _stop_on_sigterm(settings: Settings, hooks: JobHooks) -> None:

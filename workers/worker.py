@@ -31,12 +31,12 @@ from typing import Any
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from app import queue, registry
+from app import adapter_folder, queue, registry
 from app.config import Settings, get_settings
 from app.db import ROOT, make_engine, make_sessionmaker, upgrade_to_head
 from app.exceptions import ServiceError, TransitionError
 from app.logs import configure_logging, log_context
-from app.models import Job
+from app.models import Job, JobStatus
 
 log = logging.getLogger("workers.worker")
 
@@ -230,9 +230,9 @@ class Worker:
     ) -> None:
         result = result or {}
         status = result.get("status")
-        if status == "succeeded":
+        if status == JobStatus.SUCCEEDED:
             self._succeed(session, job, result)
-        elif status == "failed":
+        elif status == JobStatus.FAILED:
             queue.finish_failed(
                 session, job.id, self.worker_id, code=result["code"], message=result["message"]
             )
@@ -260,7 +260,7 @@ class Worker:
             # No row points at the folder, and a retry would only fail the same way: do not leave
             # an unregistered adapter on disk (the folder is this job's own, adp_<job id tail>).
             session.rollback()
-            registry.delete_adapter_files(result["adapter_path"])
+            adapter_folder.delete(Path(result["adapter_path"]))
             queue.finish_failed(
                 session, job.id, self.worker_id, code="adapter_registration_failed", message=str(err)
             )

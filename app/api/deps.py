@@ -3,27 +3,21 @@ adapter a generation request names."""
 
 from __future__ import annotations
 
-import hashlib
-import secrets
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from app import keys
 from app.config import Settings
-from app.db import utcnow
 from app.exceptions import Forbidden, Unauthorized
 from app.inference.engine import InferenceEngine
 from app.inference.types import AdapterSpec
 from app.models import ApiKey
 from app.registry import find_adapter
-
-SCOPES = ("read", "train", "generate", "admin")
-KEY_PREFIX = "gpt-"
 
 
 def get_settings(request: Request) -> Settings:
@@ -63,39 +57,10 @@ _bearer = HTTPBearer(auto_error=False, description="An API key from scripts/crea
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def hash_key(secret: str) -> str:
-    """sha256 is enough: keys are 32 random bytes, so there is nothing to brute-force."""
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def new_key_secret() -> str:
-    return KEY_PREFIX + secrets.token_urlsafe(32)
-
-
-def create_api_key(session: Session, name: str, scopes: list[str]) -> tuple[ApiKey, str]:
-    """Store a new key (hashed) and return it with the secret, which is shown once and never stored."""
-    unknown = sorted(set(scopes) - set(SCOPES))
-    if unknown or not scopes:
-        raise ValueError(f"scopes must be some of {', '.join(SCOPES)}; got {', '.join(scopes) or 'none'}")
-    secret = new_key_secret()
-    key = ApiKey(name=name, key_hash=hash_key(secret), prefix=secret[:10], scopes=",".join(scopes))
-    session.add(key)
-    session.commit()
-    return key, secret
-
-
 def _authenticate(session: Session, credentials: HTTPAuthorizationCredentials | None) -> ApiKey:
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", field="Authorization")
-    # One statement that writes first: no read-then-write transaction on the hot path of every request.
-    key = session.scalar(
-        update(ApiKey)
-        .where(ApiKey.key_hash == hash_key(credentials.credentials), ApiKey.revoked_at.is_(None))
-        .values(last_used_at=utcnow())
-        .returning(ApiKey),
-        execution_options={"synchronize_session": False},
-    )
-    session.commit()
+    key = keys.find_active_key(session, credentials.credentials)
     if key is None:
         raise Unauthorized("unknown or revoked API key", field="Authorization")
     return key
@@ -104,7 +69,7 @@ def _authenticate(session: Session, credentials: HTTPAuthorizationCredentials | 
 def require_scope(scope: str) -> Callable[..., ApiKey | None]:
     """A dependency (use as `Depends(require_scope("train"))`) that lets a request through when its key
     has `scope` or admin. Returns the key, or None in auth=none mode."""
-    if scope not in SCOPES:
+    if scope not in keys.SCOPES:
         raise ValueError(f"unknown scope {scope!r}")
 
     def check(request: Request, session: SessionDep, credentials: BearerDep) -> ApiKey | None:

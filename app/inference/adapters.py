@@ -8,7 +8,6 @@ idempotent; the base model is the `None` adapter (PEFT's adapters switched off).
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import sys
 import warnings
@@ -19,6 +18,7 @@ from typing import Any
 
 import torch
 
+from app import adapter_folder
 from app.exceptions import Conflict, NotFound
 from app.inference.types import AdapterSpec
 
@@ -28,60 +28,23 @@ log = logging.getLogger(__name__)
 def check_adapter_files(spec: AdapterSpec, base_fingerprint: str, base_model: str) -> None:
     """NotFound when the adapter's files are gone; Conflict unless both the registry row and the
     manifest on disk (the last word) say it was trained on exactly this base: same architecture
-    fingerprint and same model id. An adapter that does not say is refused too: applied to the wrong
-    base its deltas would silently corrupt the answers rather than fail."""
-    if not (spec.path / "adapter_config.json").is_file():
+    fingerprint and same model id (`adapter_folder.check_base`, strict)."""
+    if not adapter_folder.has_weights(spec.path):
         raise NotFound(f"adapter '{spec.name}' has no files at {spec.path} (deleted?)", field="adapter")
     # The row is checked for what it records; what it leaves out, the manifest must record.
     row_fingerprint, row_model = spec.fingerprint or base_fingerprint, spec.base_model or base_model
     if row_fingerprint != base_fingerprint or row_model != base_model:
-        recorded_model = spec.base_model or "(not recorded)"
-        check_base(spec.name, row_fingerprint, recorded_model, base_fingerprint, base_model)
-    fingerprint, model = manifest_base(spec)
-    check_base(spec.name, fingerprint, model, base_fingerprint, base_model, source="its manifest.json")
+        row_says = spec.base_model or "(not recorded)"
+        row = adapter_folder.BaseRecord(row_fingerprint, row_says, "its registry row")
+        _check_base(spec.name, row, base_fingerprint, base_model)
+    _check_base(spec.name, adapter_folder.recorded_base(spec.path), base_fingerprint, base_model)
 
 
-def check_base(
-    name: str,
-    fingerprint: str | None,
-    model: str | None,
-    base_fingerprint: str,
-    base_model: str,
-    source: str = "its registry row",
-) -> None:
-    """Conflict (409) unless `fingerprint` and `model` (what the adapter records) name the loaded base."""
-    loaded = f"this server runs '{base_model}' (fingerprint {base_fingerprint[:12]})"
-    if not fingerprint or not model:
-        missing = "base_fingerprint" if not fingerprint else "base_model"
-        raise Conflict(
-            f"adapter '{name}' does not record which base model it was trained for "
-            f"({source} has no {missing}); {loaded}. Retrain it with this service so it can be checked.",
-            field="adapter",
-        )
-    if fingerprint != base_fingerprint or model != base_model:
-        raise Conflict(
-            f"adapter '{name}' was trained for another base model: '{model}' "
-            f"(fingerprint {fingerprint[:12]}); {loaded}. "
-            "Serve it from a server running its base model, or retrain it on this one.",
-            field="adapter",
-        )
-
-
-def manifest_base(spec: AdapterSpec) -> tuple[str | None, str | None]:
-    """(fingerprint, base model id) as the adapter's own manifest records them; the files are the last
-    word, not the row."""
-    path = spec.path / "manifest.json"
-    if not path.is_file():
-        return None, None
+def _check_base(name: str, recorded: adapter_folder.BaseRecord, fingerprint: str, model: str) -> None:
     try:
-        manifest = json.loads(path.read_text())
-    except ValueError:
-        return None, None  # unreadable counts as not recorded: refused with that reason
-    if not isinstance(manifest, dict):
-        return None, None
-    fingerprint = manifest.get("base_fingerprint") or manifest.get("fingerprint")
-    model = manifest.get("base_model")
-    return (str(fingerprint) if fingerprint else None), (str(model) if model else None)
+        adapter_folder.check_base(name, recorded, fingerprint=fingerprint, model=model)
+    except adapter_folder.BaseMismatch as err:
+        raise Conflict(str(err), field="adapter") from None
 
 
 class AdapterCache:

@@ -54,7 +54,7 @@ def _resolve_path(source: str, data_dir: Path | None) -> Path:
     if source.startswith("sample:"):
         name = source.removeprefix("sample:")
         path = SAMPLES_DIR / f"{name}.jsonl"
-        if not path.is_file():
+        if name not in sample_names():  # a name, never a path ("sample:../x" reads nothing)
             raise DatasetError(
                 0, "dataset", f"no bundled sample named {name!r}; choose one of {sample_names()}"
             )

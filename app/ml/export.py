@@ -4,34 +4,27 @@ plain transformers model folder, written to a temp folder and renamed into place
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
+from app import adapter_folder
 from app.ml.modeling import config_fingerprint, load_hf_model, load_tokenizer, resolve_model_path
 
 DTYPES = ("bfloat16", "float16", "float32")
 
 
-def read_manifest(adapter_dir: Path) -> dict[str, Any]:
-    path = Path(adapter_dir) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{adapter_dir} has no manifest.json; is it an adapter folder from this project?"
-        )
-    return dict(json.loads(path.read_text()))
-
-
-def check_fits(manifest: dict[str, Any], config: Any, base: str) -> None:
-    """Refuse an adapter trained for another architecture."""
-    expected = manifest.get("base_fingerprint")
-    if expected and expected != config_fingerprint(config):
-        raise ValueError(
-            f"adapter was trained on {manifest.get('base_model')!r} (fingerprint {expected[:12]}), "
-            f"which does not match base {base!r}"
-        )
+def check_fits(adapter_dir: Path, config: Any, base: str) -> None:
+    """ValueError (`adapter_folder.BaseMismatch`) for an adapter trained on another architecture,
+    FileNotFoundError for a folder without a manifest. Not strict: the user names the base, often by a
+    local path that is not the recorded hub id, so only a recorded fingerprint is compared."""
+    adapter_folder.check_base(
+        Path(adapter_dir).name,
+        adapter_folder.BaseRecord.of(adapter_folder.read_manifest(adapter_dir)),
+        fingerprint=config_fingerprint(config),
+        model=base,
+        where=adapter_folder.SCRIPT,
+        strict=False,
+    )
 
 
 def merge_adapter(
@@ -45,25 +38,19 @@ def merge_adapter(
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
-    manifest = read_manifest(adapter_dir)
+    manifest = adapter_folder.read_manifest(adapter_dir)
     base = base or manifest["base_model"]
     path = resolve_model_path(base, models_dir)
     model = load_hf_model(path, load_in_4bit=False, dtype=getattr(torch, dtype))
-    check_fits(manifest, model.config, base)
+    check_fits(adapter_dir, model.config, base)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     return _save_atomically(merged, load_tokenizer(base, models_dir), manifest, Path(out_dir))
 
 
 def _save_atomically(model: Any, tokenizer: Any, manifest: dict[str, Any], out_dir: Path) -> Path:
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir} already exists; choose a new --out folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+    """A merged model is no adapter folder, but is written the same way: staged, then renamed."""
+    with adapter_folder.staged_folder(out_dir, replace=False) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / "merged_from.json").write_text(json.dumps(manifest, indent=2, default=str))
-        os.rename(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 
-from app import registry
+from app import adapter_folder, registry
 from app.api.deps import ReadKey, SessionDep, TrainKey, WriteSessionDep
 from app.models import Adapter
 from app.schemas import AdapterPublic, Deleted, Page
@@ -22,9 +23,7 @@ def list_adapters(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict[str, Any]:
     """Adapters, newest first."""
-    rows = registry.list_adapters(session, after=after, limit=limit + 1)
-    data = rows[:limit]
-    return {"data": data, "has_more": len(rows) > limit, "next_cursor": data[-1].id if data else None}
+    return registry.list_adapters(session, after=after, limit=limit).as_page()
 
 
 @router.get("/{ref}", response_model=AdapterPublic)
@@ -47,5 +46,5 @@ def delete_adapter(ref: str, request: Request, session: WriteSessionDep, _key: T
         engine.unload(
             adapter_id
         )  # again: a request between the first unload and the delete may have loaded it
-    registry.delete_adapter_files(path)
+    adapter_folder.delete(Path(path))
     return Deleted(id=adapter_id, object="adapter")

@@ -6,15 +6,14 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Query, Request, UploadFile, status
-from sqlalchemy import func, select
 
-from app import queue
+from app import datasets
 from app.api.deps import ReadKey, SessionDep, SettingsDep, TrainKey, WriteSessionDep
 from app.config import Settings
-from app.exceptions import Conflict, LimitExceeded, NotFound
+from app.exceptions import LimitExceeded
 from app.models import FileRecord
 from app.schemas import Deleted, FilePublic, Page
 
@@ -37,22 +36,12 @@ def upload_file(
     settings.uploads_dir.mkdir(parents=True, exist_ok=True)
     tmp, digest, size = _receive(file, settings)
     try:
-        rows = queue.validate_dataset_file(tmp, settings)
-        final = settings.uploads_dir / f"{digest}.jsonl"
-        os.replace(tmp, final)  # same bytes under the same name: a re-upload just replaces it
+        name = Path(file.filename or "upload.jsonl").name[:255]
+        return datasets.add_upload(
+            session, settings, tmp, digest=digest, size=size, filename=name, purpose=purpose
+        )
     finally:
         tmp.unlink(missing_ok=True)
-    record = FileRecord(
-        filename=Path(file.filename or "upload.jsonl").name[:255],
-        purpose=purpose,
-        bytes=size,
-        rows=rows,
-        sha256=digest,
-        path=str(final.resolve()),
-    )
-    session.add(record)
-    session.commit()
-    return record
 
 
 def _check_declared_size(request: Request, settings: Settings) -> None:
@@ -93,43 +82,19 @@ def list_files(
         str | None, Query(pattern=r"^file_[0-9a-f]+$", description="Last id of the previous page.")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Uploaded files, newest first."""
-    query = select(FileRecord).order_by(FileRecord.id.desc()).limit(limit + 1)
-    if after:
-        query = query.where(FileRecord.id < after)
-    rows = list(session.scalars(query))
-    data = rows[:limit]
-    return {"data": data, "has_more": len(rows) > limit, "next_cursor": data[-1].id if data else None}
+    return datasets.list_files(session, after=after, limit=limit).as_page()
 
 
 @router.get("/{file_id}", response_model=FilePublic)
 def get_file(file_id: str, session: SessionDep, _key: ReadKey) -> FileRecord:
     """One uploaded file's record."""
-    return _get(session, file_id)
+    return datasets.get_file(session, file_id)
 
 
 @router.delete("/{file_id}", response_model=Deleted)
 def delete_file(file_id: str, session: WriteSessionDep, _key: TrainKey) -> Deleted:
     """Delete a file; refused while a queued or running job uses it (as dataset or eval_dataset)."""
-    record = _get(session, file_id)
-    if users := queue.jobs_using_file(session, record):
-        raise Conflict(
-            f"file {file_id} is used by active job(s) {', '.join(users)}; cancel them first", field="file_id"
-        )
-    session.delete(record)
-    session.commit()
-    # Uploads are stored by content hash; keep the bytes while another record shares them.
-    shared = session.scalar(
-        select(func.count()).select_from(FileRecord).where(FileRecord.sha256 == record.sha256)
-    )
-    if not shared:
-        Path(record.path).unlink(missing_ok=True)
+    datasets.delete_file(session, file_id)
     return Deleted(id=file_id, object="file")
-
-
-def _get(session: SessionDep, file_id: str) -> FileRecord:
-    record = session.get(FileRecord, file_id)
-    if record is None:
-        raise NotFound(f"file {file_id!r} does not exist; GET /files lists them", field="file_id")
-    return record

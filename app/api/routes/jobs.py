@@ -5,19 +5,17 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
-from pydantic import ValidationError
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import queue
+from app import datasets, queue, registry
 from app.api.deps import ReadKey, SessionDep, SettingsDep, TrainKey, WriteSessionDep
 from app.config import TINY_MODEL_ID, Settings
-from app.exceptions import InvalidInput, ServiceError
-from app.ml.trainer import TrainConfig
-from app.models import Adapter, Job, JobEvent
+from app.exceptions import InvalidInput
+from app.ml.train_config import TrainConfig
+from app.models import Job
 from app.schemas import (
     AdapterPublic,
     CheckpointPublic,
@@ -32,8 +30,6 @@ from app.schemas import (
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-# TrainConfig fields the request sets at its top level, or the server sets from its limits.
-_OWN_FIELDS = {"base_model", "dataset", "seed", "max_rows", "max_bytes"}
 
 
 @router.post(
@@ -53,13 +49,13 @@ def create_job(
 ) -> JobPublic:
     """Queue a fine-tuning job. The dataset and every hyperparameter are checked now, not an hour from now."""
     base_model = _base_model(body.base_model, settings)
-    source, file_id = queue.resolve_dataset(session, body.dataset)
-    config = build_config(session, settings, body, base_model, source)
-    queue.check_job_datasets(config, settings)
+    dataset = datasets.reference(session, body.dataset)
+    config = build_config(session, settings, body, base_model, dataset)
+    datasets.check_job(session, config, settings)
     new = queue.NewJob(
         base_model=base_model,
-        dataset=body.dataset,
-        file_id=file_id,
+        dataset=dataset,
+        file_id=datasets.file_id(dataset),
         config=config,
         name=body.suffix,
         priority=body.priority,
@@ -85,38 +81,26 @@ def _base_model(requested: str | None, settings: Settings) -> str:
 
 
 def build_config(
-    session: Session, settings: Settings, body: JobCreate, base_model: str, source: str
+    session: Session, settings: Settings, body: JobCreate, base_model: str, dataset: str
 ) -> dict[str, Any]:
-    """Validate the hyperparameters with TrainConfig, the one place training options are defined."""
-    own = sorted(_OWN_FIELDS & set(body.hyperparameters))
-    if own:
-        raise InvalidInput(f"hyperparameters.{own[0]}", "is set by the server or the job request, not here")
-    values: dict[str, Any] = {"backend": settings.backend, "load_in_4bit": settings.load_in_4bit}
-    values.update(body.hyperparameters)
-    values.update(
-        base_model=base_model,
-        dataset=source,
-        max_rows=settings.max_dataset_rows,
-        max_bytes=settings.max_upload_bytes,
-    )
+    """The job's TrainConfig: the client's hyperparameters (validated with the request) plus the fields
+    the server and the job own. Datasets are stored as references (see app.datasets), never paths."""
+    hyper = body.hyperparameters
+    eval_ref = None
+    if hyper.eval_dataset:
+        eval_ref = datasets.reference(session, hyper.eval_dataset, field=datasets.EVAL_FIELD)
+    owned: dict[str, Any] = {
+        "base_model": base_model,
+        "dataset": dataset,
+        "eval_dataset": eval_ref,
+        "backend": settings.backend,
+        "load_in_4bit": settings.load_in_4bit,
+        "max_rows": settings.max_dataset_rows,
+        "max_bytes": settings.max_upload_bytes,
+    }
     if body.seed is not None:
-        values["seed"] = body.seed
-    if isinstance(values.get("eval_dataset"), str):  # same forms as dataset; never a raw server path
-        values["eval_dataset"] = _eval_source(session, values["eval_dataset"])
-    try:
-        config = TrainConfig(**values)
-    except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "hyperparameters"
-        raise InvalidInput(f"hyperparameters.{field}", first["msg"]) from None
-    return config.model_dump(mode="json")
-
-
-def _eval_source(session: Session, dataset: str) -> str:
-    try:
-        return queue.resolve_dataset(session, dataset)[0]
-    except ServiceError as err:
-        raise InvalidInput("hyperparameters.eval_dataset", err.message.split(": ", 1)[-1]) from None
+        owned["seed"] = body.seed
+    return TrainConfig(**{**hyper.model_dump(), **owned}).model_dump(mode="json")
 
 
 @router.get("", response_model=Page[JobPublic])
@@ -130,9 +114,8 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict[str, Any]:
     """Jobs, newest first, optionally only those in one status."""
-    rows, has_more = queue.list_jobs(session, status=status_, after=after, limit=limit)
-    data = [job_public(session, job) for job in rows]
-    return {"data": data, "has_more": has_more, "next_cursor": rows[-1].id if rows else None}
+    page = queue.list_jobs(session, status=status_, after=after, limit=limit)
+    return page.as_page([job_public(session, job) for job in page.rows])
 
 
 @router.get("/{job_id}", response_model=JobPublic)
@@ -158,8 +141,7 @@ def job_events(
 ) -> dict[str, Any]:
     """Log lines, per-step metrics, checkpoints and status changes, oldest first."""
     queue.get_job(session, job_id)
-    rows, has_more = queue.list_events(session, job_id, after=after, limit=limit, kind=kind)
-    return {"data": rows, "has_more": has_more, "next_cursor": str(rows[-1].id) if rows else None}
+    return queue.list_events(session, job_id, after=after, limit=limit, kind=kind).as_page()
 
 
 @router.get("/{job_id}/checkpoints", response_model=Page[CheckpointPublic])
@@ -167,7 +149,7 @@ def job_checkpoints(job_id: str, session: SessionDep, settings: SettingsDep, _ke
     """The checkpoints on disk (the trainer may rotate old ones), with the metrics logged at their step."""
     queue.get_job(session, job_id)
     found = list_checkpoints(settings, job_id)
-    metrics = _metrics_at(session, job_id, [step for step, _ in found])
+    metrics = queue.metrics_at(session, job_id, [step for step, _ in found])
     data = [
         CheckpointPublic(
             step=step,
@@ -189,22 +171,13 @@ def list_checkpoints(settings: Settings, job_id: str) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _metrics_at(session: Session, job_id: str, steps: list[int]) -> dict[int, dict[str, Any]]:
-    rows = session.scalars(
-        select(JobEvent).where(
-            JobEvent.job_id == job_id, JobEvent.kind == "metrics", JobEvent.step.in_(steps)
-        )
-    )
-    return {row.step: row.data for row in rows if row.step is not None and row.data is not None}
-
-
 def job_public(session: Session, job: Job) -> JobPublic:
-    adapter = session.get(Adapter, job.adapter_id) if job.adapter_id else None
+    adapter = registry.get_adapter(session, job.adapter_id) if job.adapter_id else None
     error = JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
     return JobPublic(
         id=job.id,
         name=job.name,
-        status=cast(JobStatus, job.status),
+        status=JobStatus(job.status),
         base_model=job.base_model,
         dataset=job.dataset,
         file_id=job.file_id,

@@ -86,9 +86,12 @@ async def list_models(request: Request, session: SessionDep) -> dict[str, Any]:
     base = request.app.state.engine.base_model_id
     data = [{"id": base, "object": "model", "created": 0, "owned_by": "base"}]
     after: str | None = None
-    while page := list_adapters(session, after=after, limit=100):
-        data += [_model_object(a.name, unix_time(a.created_at), base) for a in page]
-        after = page[-1].id
+    while True:
+        page = list_adapters(session, after=after, limit=100)
+        data += [_model_object(a.name, unix_time(a.created_at), base) for a in page.rows]
+        if not page.has_more:
+            break
+        after = page.next_cursor
     return {"object": "list", "data": data}
 
 

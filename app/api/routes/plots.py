@@ -12,12 +12,11 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import Response
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app import queue
 from app.api.deps import ReadKey, SessionDep
-from app.exceptions import NotFound
-from app.models import Job, JobEvent
+from app.models import Job
 
 router = APIRouter(tags=["jobs"])
 
@@ -50,13 +49,8 @@ def _first_number(data: dict[str, Any], keys: tuple[str, ...]) -> float | None:
 
 def load_curve(session: Session, job_id: str) -> LossCurve:
     curve = LossCurve()
-    query = (
-        select(JobEvent.step, JobEvent.data)
-        .where(JobEvent.job_id == job_id, JobEvent.kind == "metrics", JobEvent.step.is_not(None))
-        .order_by(JobEvent.id)
-    )
-    for step, data in session.execute(query):
-        curve.add(step, data or {})
+    for step, data in queue.metrics_series(session, job_id):
+        curve.add(step, data)
     return curve
 
 
@@ -111,9 +105,7 @@ def _title(job: Job) -> str:
 )
 def job_loss_png(job_id: str, session: SessionDep, _key: ReadKey) -> Response:
     """The job's training (and eval) loss by step, as a PNG image."""
-    job = session.get(Job, job_id)
-    if job is None:
-        raise NotFound(f"job {job_id} not found", field="job_id")
+    job = queue.get_job(session, job_id)
     png = render_png(job, load_curve(session, job_id))
     # A running job's curve changes with every step; never let a browser show a stale one.
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
