@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -33,13 +35,24 @@ async def send_error(send: Send, exc: ServiceError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _finite(value: Any) -> Any:
+    """The request's own NaN or infinity, echoed in the details, as text: JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _validation_response(exc: RequestValidationError) -> JSONResponse:
     """FastAPI's 422, in our error shape; the message names the field and what was wrong with it."""
     first = exc.errors()[0]
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
     field = ".".join(loc) or "body"
     message = f"{field}: {first.get('msg', 'invalid')}"
-    details = jsonable_encoder(exc.errors(), custom_encoder={Exception: str})
+    details = _finite(jsonable_encoder(exc.errors(), custom_encoder={Exception: str}))
     body = {"code": "invalid_input", "message": message, "field": field, "details": details}
     return JSONResponse({"error": body}, status_code=422)
 

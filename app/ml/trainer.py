@@ -24,6 +24,7 @@ from typing import Any, Literal, Protocol
 from app import adapter_folder
 from app.ml.data import DatasetError, Example, dataset_fingerprint, encode_examples, load_rows, validate_rows
 from app.ml.modeling import (
+    UNSLOTH_EXPERT_MODULES,
     apply_lora,
     cuda_available,
     import_unsloth_first,
@@ -452,6 +453,22 @@ def check_packing(cfg: TrainConfig, backend: str) -> None:
         )
 
 
+def check_targets(cfg: TrainConfig, model: Any, backend: str) -> None:
+    """Each of target_modules must name a module of the base: PEFT only refuses a list that matches
+    nothing at all, so a misspelt name beside good ones (or beside target_parameters) would train
+    without it and the job would succeed with less LoRA than asked."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if backend == "unsloth":  # Unsloth maps these onto the fused expert parameters itself
+        names |= set(UNSLOTH_EXPERT_MODULES)
+    missing = [target for target in cfg.target_modules if target not in names]
+    if missing:
+        linear = sorted(n for n in names if n.endswith("_proj"))
+        raise ValueError(
+            f"target_modules: {', '.join(repr(m) for m in missing)} matches no module of "
+            f"{cfg.resolved_base_model()}; its projection modules are {', '.join(linear) or 'none'}"
+        )
+
+
 def lora_model(cfg: TrainConfig, loaded: Any) -> Any:
     """The loaded base wrapped in the job's trainable LoRA (``apply_lora`` with the config's fields)."""
     return apply_lora(
@@ -518,6 +535,7 @@ def train(
         checkpointing=unsloth_checkpointing(cfg.gradient_checkpointing, cfg.offload_checkpoints),
     )
     hooks.on_log(f"base {loaded.model_id} loaded with backend {loaded.backend}")
+    check_targets(cfg, loaded.model, loaded.backend)
     model = lora_model(cfg, loaded)
     if cfg.packing:
         keep_packed_samples_apart(model)

@@ -33,6 +33,7 @@ from app.api.routes.jobs import job_public
 from app.exceptions import NotFound
 from app.ml.data import sample_names
 from app.models import Job
+from app.pagination import MAX_EVENT_ID
 
 log = logging.getLogger("app.console")
 router = APIRouter(include_in_schema=False)
@@ -222,7 +223,7 @@ async def job_stream(
     request: Request,
     session: SessionDep,
     _key: ReadKey,
-    after: Annotated[int, Query(ge=0, description="Last event id already seen.")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID, description="Last event id already seen.")] = 0,
 ) -> StreamingResponse:
     """Server-sent events for one job: `job` (JobPublic) when it changes, `events` (new JobEvents, oldest
     first), and `end` once the job has finished and every event was sent."""

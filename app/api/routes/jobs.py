@@ -16,6 +16,7 @@ from app.config import TINY_MODEL_ID, Settings
 from app.exceptions import InvalidInput
 from app.ml.train_config import TrainConfig
 from app.models import Job
+from app.pagination import MAX_EVENT_ID
 from app.schemas import (
     AdapterPublic,
     CheckpointPublic,
@@ -135,7 +136,7 @@ def job_events(
     job_id: str,
     session: SessionDep,
     _key: ReadKey,
-    after: Annotated[int, Query(ge=0, description="Last event id already seen.")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID, description="Last event id already seen.")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     kind: Annotated[str | None, Query(pattern="^(log|metrics|eval|checkpoint|status)$")] = None,
 ) -> dict[str, Any]:
