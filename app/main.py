@@ -19,7 +19,18 @@ if os.environ.get("GPTOSS_BACKEND", "auto").strip().lower() != "hf":
 from app import queue  # noqa: E402
 from app.api import errors, metrics, middleware
 from app.api.paths import HEALTHZ, READYZ
-from app.api.routes import adapters, console, docs, files, generate, health, jobs, openai_compat, plots
+from app.api.routes import (
+    adapters,
+    console,
+    docs,
+    files,
+    generate,
+    health,
+    jobs,
+    openai_compat,
+    openai_ft,
+    plots,
+)
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker, upgrade_to_head
 from app.inference.engine import create_engine
@@ -85,7 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.write_sessionmaker = make_sessionmaker(app.state.db, immediate=True)
     configure_logging(settings)
     errors.install(app)
-    for module in (health, files, jobs, adapters, generate, openai_compat, plots, docs, console):
+    for module in (health, files, jobs, adapters, generate, openai_compat, openai_ft, plots, docs, console):
         app.include_router(module.router)
     middleware.install(app, settings)
     metrics.install(app)

@@ -134,12 +134,20 @@ def list_jobs(session: Session, *, status: str | None, after: str | None, limit:
     return paginate(session, query, Job.id, after=after, limit=limit)
 
 
-def list_events(session: Session, job_id: str, *, after: int, limit: int, kind: str | None) -> PageRows:
-    """Oldest first; `after` is the last event id already seen."""
+def list_events(
+    session: Session,
+    job_id: str,
+    *,
+    after: int | None,
+    limit: int,
+    kind: str | None,
+    newest_first: bool = False,
+) -> PageRows:
+    """Oldest first (the native route) or newest first (OpenAI's order); `after`: the last event id seen."""
     query = select(JobEvent).where(JobEvent.job_id == job_id)
     if kind:
         query = query.where(JobEvent.kind == kind)
-    return paginate(session, query, JobEvent.id, after=after, limit=limit, newest_first=False)
+    return paginate(session, query, JobEvent.id, after=after, limit=limit, newest_first=newest_first)
 
 
 def metrics_at(session: Session, job_id: str, steps: list[int]) -> dict[int, dict[str, Any]]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin
 
 import pytest
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from starlette.routing import compile_path
@@ -125,18 +126,31 @@ class Route:
 
 @pytest.fixture(scope="module")
 def routes(tmp_path_factory: pytest.TempPathFactory) -> list[Route]:
-    """Every route of the real app, read from its OpenAPI document (plus /docs, which is not in it)."""
+    """Every route of the real app, read from its OpenAPI document, plus the GET routes left out of it
+    (the console's pages and the docs)."""
     from app.main import create_app
 
     data = tmp_path_factory.mktemp("readme") / "data"
     app = create_app(Settings(data_dir=data, auth="none", load_model_on_start=False))
-    found = [Route("GET", "/docs", compile_path("/docs")[0], None)]
+    found = [
+        Route("GET", route.path, compile_path(route.path)[0], None)
+        for route in _flat_routes(app.routes)
+        if isinstance(route, APIRoute) and not route.include_in_schema and "GET" in route.methods
+    ]
     for template, operations in app.openapi()["paths"].items():
         for method, operation in operations.items():
             ref = operation.get("requestBody", {}).get("content", {}).get("application/json", {})
             name = ref.get("schema", {}).get("$ref", "").rsplit("/", 1)[-1] or None
             found.append(Route(method.upper(), template, compile_path(template)[0], name))
     return found
+
+
+def _flat_routes(routes: list[Any]) -> Iterator[Any]:
+    """The app's routes, with included routers opened (FastAPI keeps them as one entry each; the
+    routers here are included without a prefix, and their routes' paths carry their own)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        yield from _flat_routes(inner.routes) if inner is not None else [route]
 
 
 def _route_for(routes: list[Route], method: str | None, path: str) -> Route | None:
@@ -263,6 +277,7 @@ def _fake_checkout(tmp_path: Path, pytest_exit: int, ruff_exit: int = 0) -> Path
     shutil.copy(ROOT / "scripts/test.sh", root / "scripts/test.sh")
     shutil.copy(ROOT / ".ci/run", root / ".ci/run")
     (root / "scripts/install.sh").write_text("#!/usr/bin/env bash\necho install >> calls.log\n")
+    (root / "scripts/install-system.sh").write_text("#!/usr/bin/env bash\necho install-system >> calls.log\n")
     (root / ".venv/bin/activate").write_text(f'export PATH="{root}/bin:$PATH"\n')
     for tool, code in (("ruff", ruff_exit), ("mypy", 0), ("pytest", pytest_exit)):
         (root / "bin" / tool).write_text(f'#!/usr/bin/env bash\necho "{tool} $*" >> calls.log\nexit {code}\n')
@@ -270,6 +285,7 @@ def _fake_checkout(tmp_path: Path, pytest_exit: int, ruff_exit: int = 0) -> Path
         *root.glob("bin/*"),
         root / "scripts/test.sh",
         root / "scripts/install.sh",
+        root / "scripts/install-system.sh",
         root / ".ci/run",
     ]:
         path.chmod(0o755)
@@ -291,6 +307,7 @@ def test_ci_passes_only_when_every_check_passes(
     # Every check runs, also after one has failed.
     assert calls == [
         "install",
+        "install-system",
         "ruff check .",
         "ruff format --check .",
         "mypy app workers scripts bench",

@@ -1,0 +1,560 @@
+"""The vLLM engine: generation by a vLLM OpenAI-compatible server, reached over HTTP.
+
+It keeps the in-process engine's contract (``submit(prompt_ids, SamplingParams, sink, adapter)``, a
+``TokenSink`` fed from the engine's own thread, ``Busy`` when full or asleep), so prompts are still
+rendered by our harmony renderer and the completion tokens parsed by our harmony parser: reasoning vs
+final answer and ``reasoning_effort`` mean the same under both engines. vLLM sees token ids only
+(``/v1/completions`` with a token-id prompt and ``return_token_ids``).
+
+Adapters: our registry is the source of truth and vLLM a cache of it. An adapter is loaded
+(``/v1/load_lora_adapter``, its registry id as the LoRA name) on its first request or when its job
+succeeds (``load``); at most ``max_resident`` stay registered, the least recently used one without
+requests in flight is unloaded to make room. A vLLM restart forgets every adapter: its 404 for a
+model name we believe loaded triggers one reload and one retry.
+
+One GPU shared with training: with ``release_gpu_during_training`` a probe of the job table puts vLLM
+to sleep (``/sleep``, weights offloaded, KV cache freed; the server needs ``--enable-sleep-mode`` and
+``VLLM_SERVER_DEV_MODE=1``) while a job runs, answering 503 + Retry-After meanwhile, and wakes it once
+no job has run for ``release_cooldown_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import httpx
+
+from app.config import Settings
+from app.exceptions import Busy, Conflict, InvalidInput, NotFound, ServiceError
+from app.inference.types import AdapterSpec, SamplingParams, TokenSink
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+TrainingProbe = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class VllmOptions:
+    """How to reach and use the vLLM server (settings GPTOSS_VLLM_*)."""
+
+    url: str  # e.g. http://vllm:8000
+    served_model: str  # vLLM's --served-model-name (the base); adapters are named by registry id
+    max_resident: int = 8  # adapters kept registered in vLLM (its --max-cpu-loras)
+    max_lora_rank: int = 16  # the server's --max-lora-rank: higher-rank adapters are refused up front
+    api_key: str | None = None  # vLLM's --api-key, if set
+    adapter_path_map: tuple[str, str] | None = None  # (our prefix, vLLM's prefix) when mounts differ
+    request_timeout_s: float = 600.0
+    connect_timeout_s: float = 5.0
+    base_fingerprint: str | None = None  # the served base's config fingerprint, for the adapter check
+    sleep_level: int = 1
+
+
+class _NotLoaded(Exception):
+    """vLLM answered 404 for the adapter's model name: it does not know it (restarted?)."""
+
+
+@dataclass
+class _Resident:
+    spec: AdapterSpec
+    in_flight: int = 0
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: TokenSink
+    adapter: AdapterSpec | None
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+class VllmEngine:
+    """Same surface as InferenceEngine: start/close/is_ready/check_adapter/submit/unload/in_flight."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        options: VllmOptions,
+        *,
+        training_probe: TrainingProbe | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.settings = settings
+        self.options = options
+        self.base_model_id = settings.resolved_base_model()
+        self._probe = training_probe
+        self._transport = transport  # tests hand in a transport; production uses the network
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._start_lock = threading.Lock()
+        self._lock = threading.Lock()  # in-flight count, resident table, sleep state
+        self._in_flight = 0
+        self._resident: OrderedDict[str, _Resident] = OrderedDict()  # least recently used first
+        self._load_locks: dict[str, asyncio.Lock] = {}
+        self._asleep = False
+        self._closing = False
+        self._idle_since: float | None = None
+        self._healthy_until = 0.0
+        self.stats: dict[str, float] = {
+            "requests": 0,
+            "tokens": 0,
+            "loads": 0,
+            "unloads": 0,
+            "reloads_after_404": 0,
+            "errors": 0,
+            "sleeps": 0,
+            "wakes": 0,
+            "last_load_s": 0.0,
+        }
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine thread (its own event loop and HTTP client). Idempotent. Does not wait
+        for vLLM: is_ready() says when it answers."""
+        with self._start_lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._closing = False
+            started = threading.Event()
+            self._thread = threading.Thread(
+                target=self._run_loop, args=(started,), name="vllm-engine", daemon=True
+            )
+            self._thread.start()
+            started.wait(10)
+        self._call(self._refresh_health())
+
+    def close(self) -> None:
+        self._closing = True
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        if self._client is not None:
+            asyncio.run_coroutine_threadsafe(self._client.aclose(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        self._thread = None
+
+    def is_ready(self) -> bool:
+        """vLLM answered /health within the last few seconds and is awake."""
+        if self._thread is None or not self._thread.is_alive() or self._asleep:
+            return False
+        if time.monotonic() < self._healthy_until:
+            return True
+        return bool(self._call(self._refresh_health(), timeout=self.options.connect_timeout_s + 1))
+
+    @property
+    def fingerprint(self) -> str:
+        if self.options.base_fingerprint is None:
+            raise Busy("the served base model's fingerprint is not known yet; retry shortly", retry_after=5)
+        return self.options.base_fingerprint
+
+    # --- requests --------------------------------------------------------------------------------
+
+    def check_adapter(self, adapter: AdapterSpec) -> None:
+        """NotFound / Conflict as the in-process engine (files, base), and Conflict when vLLM cannot
+        serve the adapter as saved (rank above the server's, modules it does not support)."""
+        from app.inference.adapters import check_adapter_files
+        from app.ml.lora_layout import AdapterLayoutError, check_servable
+
+        check_adapter_files(adapter, self.fingerprint, self.base_model_id)
+        try:
+            check_servable(adapter.path, max_lora_rank=self.options.max_lora_rank)
+        except AdapterLayoutError as exc:
+            raise Conflict(f"adapter '{adapter.name}': {exc}", field="adapter") from exc
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        sink: TokenSink,
+        adapter: AdapterSpec | None = None,
+    ) -> None:
+        """Send one generation to vLLM; tokens arrive at `sink` from the engine thread. Busy (503)
+        when max_concurrent_generations are in flight, while asleep for training, or not started."""
+        loop = self._loop
+        with self._lock:
+            if loop is None or self._closing:
+                raise Busy("the vLLM engine is not started; retry shortly", retry_after=5)
+            if self._asleep:
+                raise self._busy_training()
+            if self._in_flight >= self.settings.max_concurrent_generations:
+                raise Busy(
+                    f"{self.settings.max_concurrent_generations} generations are already queued or running "
+                    "(max_concurrent_generations); retry shortly",
+                    retry_after=1,
+                )
+            self._in_flight += 1
+        request = _Request(prompt_ids, params, sink, adapter)
+        asyncio.run_coroutine_threadsafe(self._serve(request), loop)
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._in_flight
+
+    def load(self, adapter: AdapterSpec) -> None:
+        """Register the adapter with vLLM now (a job has just succeeded), so its first answer does not
+        pay for the load. Raises what the load raised."""
+        self._call(self._ensure_loaded(adapter, pin=False))
+
+    def unload(self, adapter_id: str) -> None:
+        """Forget the adapter in vLLM (idempotent). Requests already running finish on it."""
+        if self._loop is None:
+            return
+        self._call(self._unload(adapter_id))
+
+    def loaded_adapters(self) -> list[str]:
+        with self._lock:
+            return list(self._resident)
+
+    def sleep(self) -> None:
+        """Free the GPU for training: vLLM /sleep; /generate answers 503 until wake()."""
+        self._call(self._sleep())
+
+    def wake(self) -> None:
+        self._call(self._wake())
+
+    # --- engine thread ---------------------------------------------------------------------------
+
+    def _run_loop(self, started: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+        headers = {"Authorization": f"Bearer {self.options.api_key}"} if self.options.api_key else {}
+        timeout = httpx.Timeout(self.options.request_timeout_s, connect=self.options.connect_timeout_s)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+        self._client = httpx.AsyncClient(
+            base_url=self.options.url.rstrip("/"),
+            headers=headers,
+            timeout=timeout,
+            limits=limits,
+            transport=self._transport,
+        )
+        if self._probe is not None and self.settings.release_gpu_during_training:
+            loop.create_task(self._watch_training())
+        started.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+            self._loop = None
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run `coro` on the engine loop from another thread and return its result."""
+        loop = self._loop
+        if loop is None:
+            self.start()
+            loop = self._loop
+        assert loop is not None
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("VllmEngine._call from the engine thread would deadlock")
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            return future.result(timeout=timeout)
+        except TimeoutError:
+            future.cancel()
+            raise Busy("the vLLM server did not answer in time; retry shortly", retry_after=5) from None
+
+    async def _serve(self, request: _Request) -> None:
+        try:
+            await self._generate(request)
+        except ServiceError as exc:
+            self.stats["errors"] += 1
+            request.sink.fail(exc)
+        except Exception as exc:  # never leave a request waiting
+            log.exception("vLLM generation failed")
+            self.stats["errors"] += 1
+            request.sink.fail(ServiceError(f"the generation failed: {exc}; retry"))
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    async def _generate(self, request: _Request) -> None:
+        self.stats["requests"] += 1
+        adapter = request.adapter
+        if adapter is None:
+            await self._stream(request, self.options.served_model)
+            return
+        await self._ensure_loaded(adapter, pin=True)
+        try:
+            try:
+                await self._stream(request, adapter.id)
+            except _NotLoaded:  # vLLM restarted and forgot it: load again, once
+                self.stats["reloads_after_404"] += 1
+                self._forget(adapter.id)
+                await self._ensure_loaded(adapter, pin=True)
+                await self._stream(request, adapter.id)
+        finally:
+            self._unpin(adapter.id)
+
+    async def _stream(self, request: _Request, model: str) -> None:
+        from app.ml.harmony import STOP_TOKEN_IDS
+
+        stops = set(STOP_TOKEN_IDS)
+        body = completion_body(request.prompt_ids, request.params, model, STOP_TOKEN_IDS)
+        assert self._client is not None
+        received, reason = 0, "length"
+        try:
+            async with self._client.stream("POST", "/v1/completions", json=body) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise _error_from_response(response, model)
+                async for chunk in _sse_events(response):
+                    choice = (chunk.get("choices") or [{}])[0]
+                    for token in choice.get("token_ids") or []:
+                        received += 1
+                        if token in stops:
+                            reason = "stop"
+                            break
+                        request.sink.put_token(int(token))
+                    if request.sink.cancelled():  # closing the stream makes vLLM abort the request
+                        request.sink.finish("cancelled", received)
+                        return
+                    if choice.get("finish_reason"):
+                        reason = _finish_reason(choice["finish_reason"], reason)
+        except httpx.TransportError as exc:
+            raise _unreachable(self.options.url, exc) from exc
+        self.stats["tokens"] += received
+        request.sink.finish(reason, received)
+
+    async def _ensure_loaded(self, adapter: AdapterSpec, *, pin: bool) -> None:
+        """Make the adapter registered in vLLM and most recently used (pinned while a request uses it,
+        so eviction never takes it from under a running request)."""
+        lock = self._load_locks.setdefault(adapter.id, asyncio.Lock())
+        async with lock:
+            with self._lock:
+                entry = self._resident.get(adapter.id)
+                if entry is not None:
+                    self._resident.move_to_end(adapter.id)
+                    entry.in_flight += pin
+                    return
+            await self._make_room()
+            started = time.monotonic()
+            await self._post_load(adapter)
+            self.stats["loads"] += 1
+            self.stats["last_load_s"] = round(time.monotonic() - started, 3)
+            with self._lock:
+                self._resident[adapter.id] = _Resident(adapter, in_flight=int(pin))
+        log.info("adapter loaded in vLLM", extra={"adapter_id": adapter.id, "s": self.stats["last_load_s"]})
+
+    async def _post_load(self, adapter: AdapterSpec) -> None:
+        body = {"lora_name": adapter.id, "lora_path": self._vllm_path(adapter)}
+        assert self._client is not None
+        try:
+            response = await self._client.post("/v1/load_lora_adapter", json=body)
+        except httpx.TransportError as exc:
+            raise _unreachable(self.options.url, exc) from exc
+        if response.status_code == 200:
+            return
+        message = _error_message(response)
+        if response.status_code == 400 and "already been loaded" in message:
+            return  # loaded by an earlier life of this process; vLLM's copy is the same files
+        if response.status_code == 503:
+            raise Busy(f"vLLM cannot load adapters right now: {message}", retry_after=5)
+        if response.status_code == 404:
+            raise NotFound(
+                f"adapter '{adapter.name}': vLLM cannot read its files at {body['lora_path']} ({message}); "
+                "check that the vLLM service mounts the data volume at the same path",
+                field="adapter",
+            )
+        raise Conflict(f"adapter '{adapter.name}' could not be loaded by vLLM: {message}", field="adapter")
+
+    async def _make_room(self) -> None:
+        while True:
+            with self._lock:
+                if len(self._resident) < self.options.max_resident:
+                    return
+                victim = next((k for k, v in self._resident.items() if v.in_flight == 0), None)
+            if victim is None:
+                log.warning(
+                    "every adapter registered in vLLM has requests running; growing past max_resident"
+                )
+                return
+            await self._unload(victim)
+
+    async def _unload(self, adapter_id: str) -> None:
+        self._forget(adapter_id)
+        assert self._client is not None
+        try:
+            response = await self._client.post("/v1/unload_lora_adapter", json={"lora_name": adapter_id})
+        except httpx.TransportError as exc:
+            raise _unreachable(self.options.url, exc) from exc
+        if response.status_code not in (200, 404):  # 404: not loaded there, which is what we wanted
+            raise ServiceError(f"vLLM could not unload adapter {adapter_id}: {_error_message(response)}")
+        self.stats["unloads"] += 1
+
+    def _forget(self, adapter_id: str) -> None:
+        with self._lock:
+            self._resident.pop(adapter_id, None)
+
+    def _unpin(self, adapter_id: str) -> None:
+        with self._lock:
+            entry = self._resident.get(adapter_id)
+            if entry is not None and entry.in_flight > 0:
+                entry.in_flight -= 1
+
+    def _vllm_path(self, adapter: AdapterSpec) -> str:
+        path = str(adapter.path)
+        mapping = self.options.adapter_path_map
+        if mapping and path.startswith(mapping[0]):
+            return mapping[1] + path[len(mapping[0]) :]
+        return path
+
+    async def _refresh_health(self) -> bool:
+        assert self._client is not None
+        try:
+            response = await self._client.get("/health", timeout=self.options.connect_timeout_s)
+        except httpx.TransportError:
+            return False
+        ok = response.status_code == 200
+        self._healthy_until = time.monotonic() + 2.0 if ok else 0.0
+        return ok
+
+    # --- sleeping while a job trains --------------------------------------------------------------
+
+    async def _sleep(self) -> None:
+        with self._lock:
+            self._asleep = True
+        assert self._client is not None
+        response = await self._client.post("/sleep", params={"level": str(self.options.sleep_level)})
+        if response.status_code != 200:
+            raise ServiceError(
+                f"vLLM /sleep failed: {_error_message(response)} (is --enable-sleep-mode set?)"
+            )
+        self.stats["sleeps"] += 1
+        log.info("training job running: vLLM put to sleep")
+
+    async def _wake(self) -> None:
+        assert self._client is not None
+        response = await self._client.post("/wake_up")
+        if response.status_code != 200:
+            raise ServiceError(f"vLLM /wake_up failed: {_error_message(response)}")
+        with self._lock:
+            self._asleep = False
+        self.stats["wakes"] += 1
+        log.info("no training job running: vLLM woken up")
+
+    async def _watch_training(self) -> None:
+        assert self._probe is not None
+        while not self._closing:
+            await asyncio.sleep(self.settings.release_poll_s)
+            try:
+                training = await asyncio.to_thread(self._probe)
+                await self._follow_training(training)
+            except Exception:  # a database or vLLM hiccup: look again next time
+                log.exception("could not follow the training state")
+
+    async def _follow_training(self, training: bool) -> None:
+        if training:
+            self._idle_since = None
+            if not self._asleep:
+                await self._sleep()
+            return
+        if not self._asleep:
+            return
+        now = time.monotonic()
+        self._idle_since = self._idle_since or now
+        if now - self._idle_since >= self.settings.release_cooldown_s:
+            await self._wake()
+
+    def _busy_training(self) -> Busy:
+        return Busy(
+            "a training job is using the GPU (release_gpu_during_training); generation resumes when it ends",
+            retry_after=int(max(self.settings.release_poll_s, 1) * 5),
+        )
+
+
+# --- request / response mapping --------------------------------------------------------------------
+
+
+def completion_body(
+    prompt_ids: list[int], params: SamplingParams, model: str, stop_ids: tuple[int, ...]
+) -> dict[str, Any]:
+    """The /v1/completions request for one generation: token ids in, token ids out, harmony's stop
+    tokens as stop ids (the harmony text is parsed by us, so vLLM need not detokenize it for us)."""
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": list(prompt_ids),
+        "max_tokens": params.max_new_tokens,
+        "temperature": 0.0 if params.greedy else params.temperature,
+        "top_p": 1.0 if params.greedy else params.top_p,
+        "stop_token_ids": list(stop_ids),
+        "skip_special_tokens": False,
+        "return_token_ids": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if params.seed is not None:
+        body["seed"] = params.seed
+    return body
+
+
+async def _sse_events(response: httpx.Response) -> Any:
+    """The JSON objects of a server-sent event stream, up to ``data: [DONE]``; an error event raises."""
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        event = json.loads(data)
+        if "error" in event:
+            raise ServiceError(f"vLLM failed the generation: {_message_of(event)}; retry")
+        yield event
+
+
+def _finish_reason(vllm_reason: str, seen: str) -> str:
+    if seen == "stop" or vllm_reason == "stop":
+        return "stop"
+    if vllm_reason == "length":
+        return "length"
+    return "cancelled" if vllm_reason == "abort" else vllm_reason
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        return _message_of(response.json())
+    except ValueError:
+        return response.text[:500] or f"HTTP {response.status_code}"
+
+
+def _message_of(data: Any) -> str:
+    if isinstance(data, dict):
+        error = data.get("error", data)
+        if isinstance(error, dict):
+            return str(error.get("message") or error)
+        return str(error)
+    return str(data)
+
+
+def _error_from_response(response: httpx.Response, model: str) -> Exception:
+    """vLLM's error answer as our errors: 404 for the model = not loaded (reload), 400 = the
+    request (the prompt's length, mostly), 429/503 = Busy, else a 500 that says vLLM failed."""
+    message = _error_message(response)
+    status = response.status_code
+    if status == 404 and "does not exist" in message:
+        return _NotLoaded(model)
+    if status == 400:
+        return InvalidInput("messages", f"vLLM refused the request: {message}")
+    if status in (429, 503):
+        retry = response.headers.get("Retry-After", "1")
+        return Busy(
+            f"vLLM is busy: {message}; retry shortly", retry_after=int(retry) if retry.isdigit() else 1
+        )
+    return ServiceError(f"vLLM failed the generation (HTTP {status}): {message}; retry")
+
+
+def _unreachable(url: str, exc: Exception) -> Busy:
+    return Busy(
+        f"the vLLM server at {url} is not reachable ({type(exc).__name__}); retry shortly", retry_after=5
+    )

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The vLLM call (issue 15), the last of five: calls 1-4 ran vllm-install.sh with .vllm1 ... .vllm4
+# (back to back); this one carries the project, copied with a small site of its needs, in .gpuproj:
+#   cd .gpuproj && GIT_REV=<rev> bash bench/device/call_vllm.sh
+# Two vLLM servers side by side: a peaked 2-layer bf16 model (--enforce-eager, 25% of the GPU) for the
+# golden tests, and the random 20B in MXFP4 (55%) with our API (vLLM engine) beside it for
+# bench/vllm_bench.py. Results in $OUT.
+set -uo pipefail
+bash vllm-install.sh || exit 1
+mkdir -p /tmp/psite && tar xzf site.tgz -C /tmp/psite
+export PYTHONPATH=/tmp/psite:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export GPTOSS_MODELS_DIR=/tmp/gmodels GPTOSS_LOG_JSON=false GPTOSS_BACKEND=hf
+RUN=$OUT; SECONDS=0; M=/tmp/vmodels; mkdir -p $M
+log() { echo "[$SECONDS s] $*" | tee -a $RUN/stages.txt; }
+vllm_serve() {  # vllm_serve MODEL PORT LOG EXTRA...
+  local model=$1 port=$2 logf=$3; shift 3
+  (cd /tmp && PYTHONPATH=/tmp/vsite VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_NO_USAGE_STATS=1 \
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 VLLM_SERVER_DEV_MODE=1 \
+    setsid python3 -m vllm.entrypoints.openai.api_server --model $model --port $port --enable-lora \
+      --max-lora-rank 16 --max-loras 4 --max-cpu-loras 8 --max-model-len 4096 "$@" > $logf 2>&1 &
+    echo $! > /tmp/vllm-$port.pid)
+}
+wait_up() { for _ in $(seq 1 $2); do curl -sf http://127.0.0.1:$1${3:-/health} >/dev/null && return 0; sleep 2; done; return 1; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $RUN/nvidia-smi.csv
+log "start rev=${GIT_REV:-unknown}"
+python3 scripts/make_full_model.py --out $M/peaked --layers 2 --lm-head-std 0.5 > $RUN/make_peaked.log 2>&1; log "peaked model rc=$?"
+python3 bench/vllm_adapters.py --model $M/peaked --out $M/pad --count 4 > /dev/null 2>&1; log "peaked adapters rc=$?"
+vllm_serve $M/peaked 8101 $RUN/vllm_peaked.log --enforce-eager --gpu-memory-utilization 0.25
+python3 scripts/make_full_model.py --out $M/mx20b --mxfp4 > $RUN/make_mx20b.log 2>&1; log "mxfp4 20b rc=$?"
+vllm_serve $M/mx20b 8001 $RUN/vllm_mx20b.log --gpu-memory-utilization 0.55
+python3 bench/vllm_adapters.py --model $M/mx20b --out $M/ad --count 6 > /dev/null 2>&1; log "20b adapters rc=$?"
+wait_up 8101 90; log "peaked vllm up rc=$?"
+GPTOSS_TEST_VLLM_URL=http://127.0.0.1:8101 GPTOSS_TEST_VLLM_MODEL=$M/peaked GPTOSS_TEST_VLLM_ADAPTERS=$M/pad \
+  timeout 150 python3 -m pytest -p no:cacheprovider --noconftest -m gpu -v -s -rA tests/test_gpu_vllm.py > $RUN/gpu-tests.txt 2>&1
+log "golden tests rc=$?"
+export GPTOSS_BASE_MODEL=$M/mx20b GPTOSS_DATA_DIR=/tmp/apidata GPTOSS_AUTH=none GPTOSS_VLLM_URL=http://127.0.0.1:8001
+export GPTOSS_MAX_CONCURRENT_GENERATIONS=256 GPTOSS_RATE_LIMIT_PER_MINUTE=0 GPTOSS_VLLM_MAX_RESIDENT=8
+for i in 0 1 2 3 4 5; do python3 bench/vllm_api.py register --id ad_a$i --name a$i --folder $M/ad/a$i >> $RUN/register.log 2>&1; done
+log "registered rc=$?"
+wait_up 8001 150; log "20b vllm up rc=$?"
+nvidia-smi --query-gpu=memory.used --format=csv >> $RUN/nvidia-smi.csv
+(setsid python3 -m uvicorn --factory bench.vllm_api:create_app_with_vllm --port 8000 --log-level warning > $RUN/api.log 2>&1 &)
+for i in 0 1 2 3; do curl -s -XPOST http://127.0.0.1:8001/v1/load_lora_adapter -H 'content-type: application/json' \
+  -d "{\"lora_name\":\"ad_a$i\",\"lora_path\":\"$M/ad/a$i\"}" >> $RUN/register.log; done
+wait_up 8000 30 /healthz; log "api up rc=$?"
+timeout $((${DEADLINE:-440} - SECONDS)) python3 bench/vllm_bench.py --vllm-url http://127.0.0.1:8001 --api-url http://127.0.0.1:8000 \
+  --adapters ad_a0,ad_a1,ad_a2,ad_a3 --fresh ad_a4=$M/ad/a4,ad_a5=$M/ad/a5 --label "mxfp4 20b random, rank 16" \
+  --out $RUN/vllm_bench.json > $RUN/bench.log 2>&1
+log "bench rc=$?"
+grep -iE "memory|KV cache|Marlin|backend|LoRA" $RUN/vllm_mx20b.log | head -30 > $RUN/vllm_notes.txt
+tar czf $RUN/logs.tgz -C $RUN vllm_peaked.log vllm_mx20b.log api.log register.log make_peaked.log make_mx20b.log bench.log 2>/dev/null
+rm -f $RUN/vllm_peaked.log $RUN/vllm_mx20b.log $RUN/api.log $RUN/register.log $RUN/make_peaked.log $RUN/make_mx20b.log $RUN/bench.log
+ls -la $RUN

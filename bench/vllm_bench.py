@@ -1,0 +1,198 @@
+"""Generation speed through our HTTP API (vLLM engine) beside vLLM's own OpenAI server, same run.
+
+Scenarios (greedy, a ~256-token harmony prompt, 128 new tokens each): one request with an adapter;
+32 and 64 concurrent requests spread over 4 adapters (one mixed batch in vLLM); time to first token;
+and the time from a job's success to its adapter's first answer (the adapter loaded when the job
+succeeds, as the engine does, and loaded on first use). Every shape is run once before it is
+measured: vLLM compiles a Triton kernel for a new batch shape on first sight.
+
+    python bench/vllm_bench.py --vllm-url http://127.0.0.1:8001 --api-url http://127.0.0.1:8000 \
+        --adapters ad_a0,ad_a1,ad_a2,ad_a3 --fresh ad_a4=/tmp/ad/a4,ad_a5=/tmp/ad/a5 --out r.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import run_header  # noqa: E402
+
+PROMPT = (
+    "Summarise the following notes about the harbour town in three sentences, then list the ships. "
+    + " ".join(f"Ship {i} arrived at dawn with salt, wool and letters for the mayor." for i in range(18))
+)
+NEW_TOKENS = 128
+
+
+def prompt_ids() -> list[int]:
+    from app.ml.harmony import render_prompt
+
+    return render_prompt([{"role": "user", "content": PROMPT}], developer=None, reasoning_effort="medium")
+
+
+async def _sse(response: httpx.Response) -> Any:
+    async for line in response.aiter_lines():
+        if line.startswith("data:"):
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            yield json.loads(data)
+
+
+async def vllm_request(
+    client: httpx.AsyncClient, model: str, ids: list[int], new_tokens: int = NEW_TOKENS
+) -> dict[str, float]:
+    body = {
+        "model": model,
+        "prompt": ids,
+        "max_tokens": new_tokens,
+        "temperature": 0.0,
+        "stop_token_ids": [200002, 200012],
+        "return_token_ids": True,
+        "stream": True,
+    }
+    start, first, tokens = time.monotonic(), None, 0
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"vLLM {response.status_code}: {(await response.aread())[:300]!r}")
+        async for event in _sse(response):
+            got = sum(len(c.get("token_ids") or []) for c in event.get("choices", []))
+            if got and first is None:
+                first = time.monotonic()
+            tokens += got
+    return {"start": start, "first": first or time.monotonic(), "end": time.monotonic(), "tokens": tokens}
+
+
+async def api_request(
+    client: httpx.AsyncClient, adapter: str | None, new_tokens: int = NEW_TOKENS
+) -> dict[str, float]:
+    body = {"prompt": PROMPT, "max_new_tokens": new_tokens, "temperature": 0.0, "stream": True}
+    if adapter:
+        body["adapter"] = adapter
+    start, first, tokens = time.monotonic(), None, 0
+    async with client.stream("POST", "/generate", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"API {response.status_code}: {(await response.aread())[:300]!r}")
+        async for event in _sse(response):
+            if event["type"] == "delta" and first is None:
+                first = time.monotonic()
+            elif event["type"] == "done":
+                tokens = event["usage"]["completion_tokens"]
+            elif event["type"] == "error":
+                raise RuntimeError(f"API error event: {event['error']}")
+    return {"start": start, "first": first or time.monotonic(), "end": time.monotonic(), "tokens": tokens}
+
+
+def summarise(results: list[dict[str, float]]) -> dict[str, float]:
+    wall = max(r["end"] for r in results) - min(r["start"] for r in results)
+    ttft = [r["first"] - r["start"] for r in results]
+    tokens = sum(r["tokens"] for r in results)
+    return {
+        "requests": len(results),
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 1),
+        "ttft_p50_s": round(statistics.median(ttft), 4),
+        "ttft_max_s": round(max(ttft), 4),
+    }
+
+
+async def scenario(run: Any, adapters: list[str], n: int) -> dict[str, float]:
+    return summarise(await asyncio.gather(*(run(adapters[i % len(adapters)]) for i in range(n))))
+
+
+async def measure(target: str, args: argparse.Namespace, ids: list[int]) -> dict[str, Any]:
+    url = args.vllm_url if target == "vllm" else args.api_url
+    limits = httpx.Limits(max_connections=256)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+
+        async def run(adapter: str, new_tokens: int = NEW_TOKENS) -> dict[str, float]:
+            if target == "vllm":
+                return await vllm_request(client, adapter, ids, new_tokens)
+            return await api_request(client, adapter, new_tokens)
+
+        adapters = args.adapters.split(",")
+        for n in (1, 32, 64):  # warm-up: every shape once, and every adapter loaded
+            await asyncio.gather(*(run(adapters[i % len(adapters)], 16) for i in range(n)))
+        out = {
+            "one_request_adapter": await scenario(run, adapters[:1], 1),
+            "c32_over_4_adapters": await scenario(run, adapters, 32),
+            "c64_over_4_adapters": await scenario(run, adapters, 64),
+        }
+        out["one_request_adapter_repeat"] = await scenario(run, adapters[:1], 1)
+        return out
+
+
+async def success_to_answer(args: argparse.Namespace, ids: list[int]) -> dict[str, Any]:
+    """Time from a job's success to its adapter's first answer token through our API: loaded at
+    success (what the engine's load() does: vLLM's /v1/load_lora_adapter), and loaded on first use."""
+    fresh = dict(item.split("=", 1) for item in args.fresh.split(","))
+    names = list(fresh)
+    out: dict[str, Any] = {}
+    async with (
+        httpx.AsyncClient(base_url=args.vllm_url, timeout=600) as vllm,
+        httpx.AsyncClient(base_url=args.api_url, timeout=600) as api,
+    ):
+        if names:
+            t0 = time.monotonic()
+            response = await vllm.post(
+                "/v1/load_lora_adapter", json={"lora_name": names[0], "lora_path": fresh[names[0]]}
+            )
+            loaded = time.monotonic()
+            result = await api_request(api, names[0], 8)
+            out["loaded_at_success"] = {
+                "status": response.status_code,
+                "load_s": round(loaded - t0, 3),
+                "success_to_first_token_s": round(result["first"] - t0, 3),
+            }
+        if len(names) > 1:
+            t0 = time.monotonic()
+            result = await api_request(api, names[1], 8)
+            out["loaded_on_first_use"] = {"success_to_first_token_s": round(result["first"] - t0, 3)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--vllm-url", required=True)
+    parser.add_argument("--api-url", required=True)
+    parser.add_argument("--adapters", required=True, help="4 adapter ids, registered in both")
+    parser.add_argument(
+        "--fresh", default="", help="id=path,... adapters not loaded yet (for success-to-answer)"
+    )
+    parser.add_argument("--label", default="")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    ids = prompt_ids()
+    result: dict[str, Any] = {
+        **run_header(),
+        "label": args.label,
+        "prompt_tokens": len(ids),
+        "new_tokens": NEW_TOKENS,
+    }
+    result["vllm_direct"] = asyncio.run(measure("vllm", args, ids))
+    result["our_api"] = asyncio.run(measure("api", args, ids))
+    result["api_over_direct"] = {
+        k: round(result["our_api"][k]["tokens_per_s"] / result["vllm_direct"][k]["tokens_per_s"], 3)
+        for k in result["vllm_direct"]
+    }
+    if args.fresh:
+        result["success_to_answer"] = asyncio.run(success_to_answer(args, ids))
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

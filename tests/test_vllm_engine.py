@@ -1,0 +1,396 @@
+"""The vLLM engine's request/response mapping, against a fake vLLM OpenAI server over real HTTP.
+
+A fake, because vLLM cannot run without a GPU (the real server is exercised on the H200 by
+tests/test_gpu_vllm.py). The fake implements the slice of vLLM 0.26's server the engine uses, with
+vLLM's status codes and error bodies: /health, /v1/load_lora_adapter, /v1/unload_lora_adapter (both
+only under VLLM_ALLOW_RUNTIME_LORA_UPDATING there), /v1/completions streaming with
+``return_token_ids`` (token-id deltas per chunk, ``data: [DONE]``), 404 "The model `x` does not
+exist." for an unknown adapter name, /sleep and /wake_up. It answers in harmony tokens, so the test
+also checks that reasoning and the final answer come out of our parser as with the in-process engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from app.config import Settings
+from app.exceptions import Busy, Conflict, InvalidInput, ServiceError
+from app.inference.stream import Assembler, CollectingSink, TokenStream
+from app.inference.types import AdapterSpec, SamplingParams
+from app.inference.vllm_engine import VllmEngine, VllmOptions
+from tests.fixtures_service import free_port
+
+BASE = "served-base"
+FINGERPRINT = "f" * 64
+
+
+def _harmony(reasoning: str, answer: str) -> list[int]:
+    from app.ml.harmony import encoding
+
+    text = (
+        f"<|channel|>analysis<|message|>{reasoning}<|end|><|start|>assistant"
+        f"<|channel|>final<|message|>{answer}<|return|>"
+    )
+    return list(encoding().encode(text, allowed_special="all"))
+
+
+@dataclass
+class FakeVllm:
+    """State of the fake server; tests read and change it."""
+
+    loaded: dict[str, str] = field(default_factory=dict)  # lora name -> path
+    calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    asleep: bool = False
+    max_model_len: int = 64
+
+    def answer(self, model: str) -> list[int]:
+        return _harmony(f"thinking as {model}", f"answer of {model}")
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        def error(status: int, message: str, kind: str) -> JSONResponse:
+            body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+            return JSONResponse(body, status_code=status)
+
+        @app.get("/health")
+        async def health() -> Response:
+            return Response(status_code=200)
+
+        @app.post("/v1/load_lora_adapter")
+        async def load(request: Request) -> Response:
+            body = await request.json()
+            self.calls.append(("load", body))
+            if body["lora_name"] in self.loaded:
+                return error(400, f"The lora adapter '{body['lora_name']}' has already been loaded.", "x")
+            if "broken" in body["lora_path"]:
+                return error(500, "While loading /x, expected target modules in [...]", "InternalServerError")
+            self.loaded[body["lora_name"]] = body["lora_path"]
+            return Response(f"Success: LoRA adapter '{body['lora_name']}' added successfully.")
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload(request: Request) -> Response:
+            body = await request.json()
+            self.calls.append(("unload", body))
+            if self.loaded.pop(body["lora_name"], None) is None:
+                return error(404, f"The lora adapter '{body['lora_name']}' cannot be found.", "NotFoundError")
+            return Response("Success")
+
+        @app.post("/v1/completions")
+        async def completions(request: Request) -> Response:
+            body = await request.json()
+            self.calls.append(("completions", body))
+            model = body["model"]
+            if model != BASE and model not in self.loaded:
+                return error(404, f"The model `{model}` does not exist.", "NotFoundError")
+            if len(body["prompt"]) + body["max_tokens"] > self.max_model_len:
+                return error(400, f"This model's maximum context length is {self.max_model_len} tokens.", "x")
+            tokens = self.answer(model)[: body["max_tokens"]]
+
+            async def events() -> Any:
+                for i in range(0, len(tokens), 3):  # several tokens per chunk, as vLLM may send
+                    done = i + 3 >= len(tokens)
+                    reason = None
+                    if done:
+                        reason = "stop" if tokens[-1] in body["stop_token_ids"] else "length"
+                    chunk = {"choices": [{"index": 0, "text": "", "token_ids": tokens[i : i + 3]}]}
+                    chunk["choices"][0]["finish_reason"] = reason
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": len(tokens)}
+                yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        @app.post("/sleep")
+        async def sleep(request: Request) -> Response:
+            self.calls.append(("sleep", dict(request.query_params)))
+            self.asleep = True
+            return Response(status_code=200)
+
+        @app.post("/wake_up")
+        async def wake() -> Response:
+            self.calls.append(("wake_up", {}))
+            self.asleep = False
+            return Response(status_code=200)
+
+        return app
+
+    def restart(self) -> None:
+        """What a vLLM restart looks like from outside: every run-time adapter forgotten."""
+        self.loaded.clear()
+
+    def count(self, kind: str) -> int:
+        return sum(1 for k, _ in self.calls if k == kind)
+
+
+@pytest.fixture
+def fake() -> Iterator[tuple[FakeVllm, str]]:
+    state = FakeVllm()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(state.app(), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield state, f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _engine(settings: Settings, url: str, **options: Any) -> VllmEngine:
+    engine = VllmEngine(
+        settings,
+        VllmOptions(url=url, served_model=BASE, base_fingerprint=FINGERPRINT, **options),
+    )
+    engine.start()
+    return engine
+
+
+def _adapter(tmp_path: Path, name: str) -> AdapterSpec:
+    path = tmp_path / "adapters" / name
+    path.mkdir(parents=True)
+    return AdapterSpec(id=f"ad_{name}", name=name, path=path, fingerprint=FINGERPRINT, base_model="m")
+
+
+def _run(
+    engine: VllmEngine, adapter: AdapterSpec | None = None, prompt: list[int] | None = None
+) -> list[int]:
+    sink = CollectingSink(timeout_s=30)
+    engine.submit(prompt or [200006, 17360, 200008], SamplingParams(max_new_tokens=32), sink, adapter)
+    tokens = sink.wait()
+    assert sink.reason == "stop"
+    return tokens
+
+
+def test_base_generation_streams_token_ids_parsed_as_harmony(
+    settings: Settings, fake: tuple[FakeVllm, str]
+) -> None:
+    state, url = fake
+    engine = _engine(settings, url)
+    try:
+        assert engine.is_ready()
+        tokens = _run(engine, prompt=[200006, 17360, 200008, 3086])
+        assert tokens == state.answer(BASE)[:-1]  # the stop token (<|return|>) is not handed on
+        body = next(b for k, b in state.calls if k == "completions")
+        assert body["prompt"] == [200006, 17360, 200008, 3086]
+        assert body["model"] == BASE and body["stream"] is True and body["return_token_ids"] is True
+        assert set(body["stop_token_ids"]) == {200002, 200012} and body["temperature"] == 0.0
+    finally:
+        engine.close()
+
+
+def test_assembler_splits_reasoning_and_answer(settings: Settings, fake: tuple[FakeVllm, str]) -> None:
+    """Through the same TokenStream + Assembler the routes use: reasoning vs content as in-process."""
+    state, url = fake
+    engine = _engine(settings, url)
+
+    async def generate() -> Assembler:
+        stream = TokenStream()
+        engine.submit([200006, 17360, 200008], SamplingParams(max_new_tokens=32), stream, None)
+        assembler = Assembler(stream, prompt_tokens=3)
+        async for _ in assembler.deltas():
+            pass
+        return assembler
+
+    try:
+        done = asyncio.run(generate()).completion
+        assert done is not None
+        assert (done.reasoning, done.content, done.finish_reason) == (
+            f"thinking as {BASE}",
+            f"answer of {BASE}",
+            "stop",
+        )
+        assert done.completion_tokens == len(state.answer(BASE))  # the stop token counts, as in-process
+    finally:
+        engine.close()
+
+
+def test_adapter_loaded_on_first_use_then_reused(
+    settings: Settings, fake: tuple[FakeVllm, str], tmp_path: Path
+) -> None:
+    state, url = fake
+    engine = _engine(settings, url)
+    adapter = _adapter(tmp_path, "capitals")
+    try:
+        assert _run(engine, adapter) == state.answer(adapter.id)[:-1]
+        assert _run(engine, adapter) == state.answer(adapter.id)[:-1]
+        assert state.count("load") == 1
+        assert state.loaded == {adapter.id: str(adapter.path)}
+        assert engine.loaded_adapters() == [adapter.id]
+    finally:
+        engine.close()
+
+
+def test_load_when_job_succeeds_and_path_mapping(
+    settings: Settings, fake: tuple[FakeVllm, str], tmp_path: Path
+) -> None:
+    state, url = fake
+    engine = _engine(settings, url, adapter_path_map=(str(tmp_path / "adapters"), "/data/adapters"))
+    adapter = _adapter(tmp_path, "early")
+    try:
+        engine.load(adapter)
+        assert state.loaded == {adapter.id: "/data/adapters/early"}
+        _run(engine, adapter)
+        assert state.count("load") == 1  # the first answer did not load it again
+    finally:
+        engine.close()
+
+
+def test_vllm_restart_404_reloads_once_and_retries(
+    settings: Settings, fake: tuple[FakeVllm, str], tmp_path: Path
+) -> None:
+    state, url = fake
+    engine = _engine(settings, url)
+    adapter = _adapter(tmp_path, "capitals")
+    try:
+        _run(engine, adapter)
+        state.restart()
+        assert _run(engine, adapter) == state.answer(adapter.id)[:-1]
+        assert state.count("load") == 2 and engine.stats["reloads_after_404"] == 1
+    finally:
+        engine.close()
+
+
+def test_least_recently_used_adapter_unloaded_past_max_resident(
+    settings: Settings, fake: tuple[FakeVllm, str], tmp_path: Path
+) -> None:
+    state, url = fake
+    engine = _engine(settings, url, max_resident=2)
+    a, b, c = (_adapter(tmp_path, n) for n in ("a", "b", "c"))
+    try:
+        _run(engine, a)
+        _run(engine, b)
+        _run(engine, a)  # b is now the least recently used
+        _run(engine, c)
+        assert [body["lora_name"] for kind, body in state.calls if kind == "unload"] == [b.id]
+        assert set(state.loaded) == {a.id, c.id} and set(engine.loaded_adapters()) == {a.id, c.id}
+        engine.unload(a.id)
+        engine.unload(a.id)  # idempotent: vLLM's 404 for an unknown name is fine
+        assert set(state.loaded) == {c.id}
+    finally:
+        engine.close()
+
+
+def test_errors_map_to_service_errors(settings: Settings, fake: tuple[FakeVllm, str], tmp_path: Path) -> None:
+    state, url = fake
+    engine = _engine(settings, url)
+    try:
+        sink = CollectingSink(timeout_s=30)
+        engine.submit(list(range(100)), SamplingParams(max_new_tokens=8), sink, None)
+        with pytest.raises(InvalidInput, match="maximum context length"):
+            sink.wait()
+        broken = _adapter(tmp_path, "broken")
+        sink = CollectingSink(timeout_s=30)
+        engine.submit([1, 2], SamplingParams(max_new_tokens=8), sink, broken)
+        with pytest.raises(Conflict, match="could not be loaded by vLLM: While loading"):
+            sink.wait()
+    finally:
+        engine.close()
+
+
+def test_unreachable_server_is_busy(settings: Settings) -> None:
+    engine = _engine(settings, f"http://127.0.0.1:{free_port()}")
+    try:
+        assert not engine.is_ready()
+        sink = CollectingSink(timeout_s=30)
+        engine.submit([1, 2], SamplingParams(max_new_tokens=8), sink, None)
+        with pytest.raises(Busy, match="not reachable") as caught:
+            sink.wait()
+        assert caught.value.retry_after == 5
+    finally:
+        engine.close()
+
+
+def test_full_engine_refuses_with_busy(settings: Settings, fake: tuple[FakeVllm, str]) -> None:
+    _, url = fake
+    engine = _engine(settings.model_copy(update={"max_concurrent_generations": 1}), url)
+    try:
+        engine._in_flight = 1  # one request held in flight, as a slow generation would
+        with pytest.raises(Busy, match="max_concurrent_generations"):
+            engine.submit([1], SamplingParams(max_new_tokens=4), CollectingSink(), None)
+    finally:
+        engine._in_flight = 0
+        engine.close()
+
+
+def test_sleep_refuses_with_retry_after_until_woken(settings: Settings, fake: tuple[FakeVllm, str]) -> None:
+    state, url = fake
+    engine = _engine(settings, url, sleep_level=1)
+    try:
+        engine.sleep()
+        assert state.asleep and ("sleep", {"level": "1"}) in state.calls
+        assert not engine.is_ready()
+        with pytest.raises(Busy, match="training job") as caught:
+            engine.submit([1], SamplingParams(max_new_tokens=4), CollectingSink(), None)
+        assert caught.value.retry_after >= 5
+        engine.wake()
+        assert not state.asleep and engine.is_ready()
+        _run(engine)
+    finally:
+        engine.close()
+
+
+def test_training_probe_drives_sleep_and_wake(settings: Settings, fake: tuple[FakeVllm, str]) -> None:
+    state, url = fake
+    training = threading.Event()
+    release = {"release_gpu_during_training": True, "release_poll_s": 0.05, "release_cooldown_s": 0.2}
+    engine = VllmEngine(
+        settings.model_copy(update=release),
+        VllmOptions(url=url, served_model=BASE, base_fingerprint=FINGERPRINT),
+        training_probe=training.is_set,
+    )
+    engine.start()
+    try:
+        training.set()
+        _wait(lambda: state.asleep)
+        with pytest.raises(Busy):
+            engine.submit([1], SamplingParams(max_new_tokens=4), CollectingSink(), None)
+        training.clear()
+        _wait(lambda: not state.asleep and engine.is_ready())
+        _run(engine)
+    finally:
+        engine.close()
+
+
+def test_check_adapter_refuses_rank_above_server_max(settings: Settings, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import GptOssForCausalLM
+
+    from app.ml.tiny_model import tiny_config
+
+    folder = tmp_path / "adapters" / "big"
+    get_peft_model(
+        GptOssForCausalLM(tiny_config()), LoraConfig(r=32, target_modules=["q_proj"])
+    ).save_pretrained(str(folder))
+    (folder / "manifest.json").write_text(json.dumps({"base_fingerprint": FINGERPRINT, "base_model": "m"}))
+    engine = VllmEngine(
+        settings.model_copy(update={"base_model": "m"}),
+        VllmOptions(
+            url="http://127.0.0.1:9", served_model=BASE, base_fingerprint=FINGERPRINT, max_lora_rank=16
+        ),
+    )
+    spec = AdapterSpec(id="ad_big", name="big", path=folder, fingerprint=FINGERPRINT, base_model="m")
+    with pytest.raises(Conflict, match="rank 32 is above the server's max_lora_rank 16") as caught:
+        engine.check_adapter(spec)
+    assert caught.value.status == 409 and isinstance(caught.value, ServiceError)
+
+
+def _wait(predicate: Any, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
