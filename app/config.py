@@ -133,6 +133,14 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(5.0, gt=0, description="Worker heartbeat interval.")
     lease_s: float = Field(60.0, gt=0, description="A job whose heartbeat is older than this is requeued.")
     max_attempts: int = Field(3, ge=1, description="Attempts per job before it is failed.")
+    max_lost_attempts: int = Field(
+        30,
+        ge=1,
+        description="Attempts a job may lose to crashes that are not its doing (its worker killed or "
+        "gone past its lease, its training child killed, e.g. by the out-of-memory killer) before it "
+        "fails as worker_lost; each lost attempt resumes from the last checkpoint. Counted apart from "
+        "max_attempts, so a crash loop ends without a flaky host failing sound jobs.",
+    )
 
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
     log_json: bool = Field(True, description="One JSON object per log line.")

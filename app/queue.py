@@ -272,21 +272,23 @@ def cancel_requested(session: Session, job_id: str) -> bool:
     return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 
-def requeue_expired(session: Session) -> list[tuple[str, str]]:
-    """Jobs whose worker stopped heartbeating: back to the queue, or failed after max_attempts.
+def requeue_expired(session: Session, max_lost_attempts: int) -> list[tuple[str, str]]:
+    """Jobs whose worker stopped heartbeating: a lost attempt, not the job's fault, so back to the
+    queue (resuming from the last checkpoint), or failed once it has lost `max_lost_attempts`.
 
     Returns (job id, new status) pairs. Each change is guarded on the expired lease, so a worker that
     heartbeats in the meantime keeps its job.
     """
     now = utcnow()
     stale = session.execute(
-        select(Job.id, Job.attempts, Job.max_attempts, Job.cancel_requested, Job.worker_id).where(
+        select(Job.id, Job.attempts, Job.lost_attempts, Job.cancel_requested, Job.worker_id).where(
             Job.status == JobStatus.RUNNING, Job.lease_until < now
         )
     ).all()
     changed = []
-    for job_id, attempts, max_attempts, cancel, worker in stale:
-        values, status, reason = _expired_outcome(attempts, max_attempts, cancel, worker)
+    for job_id, attempts, lost, cancel, worker in stale:
+        reason = f"worker {worker} stopped heartbeating during attempt {attempts}"
+        values, status, reason = _lost_outcome(lost, max_lost_attempts, cancel, reason)
         result = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.lease_until < now)
@@ -300,20 +302,58 @@ def requeue_expired(session: Session) -> list[tuple[str, str]]:
     return changed
 
 
-def _expired_outcome(
-    attempts: int, max_attempts: int, cancel: bool, worker: str | None
+def requeue_lost(session: Session, job_id: str, worker_id: str, max_lost_attempts: int, why: str) -> str:
+    """The worker saw its training child die without a result (killed, e.g. by the out-of-memory
+    killer): a lost attempt like a lost worker. Returns the job's new status."""
+    job = get_job(session, job_id)
+    values, status, reason = _lost_outcome(job.lost_attempts, max_lost_attempts, job.cancel_requested, why)
+    _transition(
+        session,
+        job_id,
+        [JobStatus.RUNNING],
+        owner=worker_id,
+        status=status,
+        worker_id=None,
+        lease_until=None,
+        **values,
+    )
+    add_event(session, job_id, "status", message=f"{status}: {reason}", attempt=job.attempts)
+    session.commit()
+    return status
+
+
+def _lost_outcome(
+    lost_before: int, max_lost_attempts: int, cancel: bool, reason: str
 ) -> tuple[dict[str, Any], str, str]:
-    reason = f"worker {worker} stopped heartbeating during attempt {attempts} of {max_attempts}"
+    lost = lost_before + 1
     if cancel:
-        return {"finished_at": utcnow()}, JobStatus.CANCELLED, reason
-    if attempts >= max_attempts:
+        return {"finished_at": utcnow(), "lost_attempts": lost}, JobStatus.CANCELLED, reason
+    if lost >= max_lost_attempts:
         values = {
             "finished_at": utcnow(),
+            "lost_attempts": lost,
             "error_code": "worker_lost",
-            "error_message": f"{reason}; no attempts left",
+            "error_message": f"{reason}; {lost} attempts lost to crashes, the limit (max_lost_attempts)",
         }
         return values, JobStatus.FAILED, reason
-    return {}, JobStatus.QUEUED, f"{reason}; will resume from the last checkpoint"
+    more = f"lost attempt {lost} of at most {max_lost_attempts}; will resume from the last checkpoint"
+    return {"lost_attempts": lost}, JobStatus.QUEUED, f"{reason}; {more}"
+
+
+def owns(session: Session, job_id: str, worker_id: str, attempt: int) -> bool:
+    """Whether `worker_id`'s attempt `attempt` still runs the job: the fence a training child checks
+    before it writes a checkpoint, so an attempt whose lease was taken over never writes one."""
+    found = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(
+            Job.id == job_id,
+            Job.status == JobStatus.RUNNING,
+            Job.worker_id == worker_id,
+            Job.attempts == attempt,
+        )
+    )
+    return bool(found)
 
 
 def finish_succeeded(session: Session, job_id: str, worker_id: str, *, adapter_id: str, backend: str) -> None:

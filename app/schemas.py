@@ -104,7 +104,7 @@ class JobCreate(BaseModel):
 class JobError(BaseModel):
     code: str = Field(
         description="invalid_dataset, invalid_job, training_error, out_of_memory, child_crashed, "
-        "worker_lost (lease expired, no attempts left), adapter_registration_failed, or internal_error "
+        "worker_lost (max_lost_attempts attempts lost to crashes), adapter_registration_failed, or internal_error "
         "(the worker could not record the result; see its log)."
     )
     message: str
@@ -136,6 +136,11 @@ class JobPublic(BaseModel):
     backend: str | None
     attempts: int
     max_attempts: int
+    lost_attempts: int = Field(
+        0,
+        description="Attempts lost to crashes that were not the job's doing (worker or training process "
+        "killed); each resumed from the last checkpoint. Limited by the server's max_lost_attempts.",
+    )
     cancel_requested: bool
     error: JobError | None
     adapter_id: str | None

@@ -250,6 +250,16 @@ def _callback(hooks: Any, get_tokens: Callable[[], int]) -> Any:
                 self.stopped = True
                 control.should_save = True
                 control.should_training_stop = True
+            self._fence(control)
+
+        def _fence(self, control):  # type: ignore[no-untyped-def]
+            """Hooks with `may_save` (the worker's child) are asked before every checkpoint; False
+            (the job was taken over by another attempt) stops the run without one."""
+            may_save = getattr(hooks, "may_save", None)
+            if control.should_save and may_save is not None and not may_save():
+                self.stopped = True
+                control.should_save = False
+                control.should_training_stop = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
             logs = logs or {}
@@ -260,6 +270,7 @@ def _callback(hooks: Any, get_tokens: Callable[[], int]) -> Any:
             if "loss" in logs:
                 self.last_time, self.last_tokens = now, tokens
             hooks.on_step(metrics)
+            self._fence(control)  # on_step may just have found the job not ours; the save comes next
 
         def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"

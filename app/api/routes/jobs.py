@@ -194,6 +194,7 @@ def job_public(session: Session, job: Job) -> JobPublic:
         backend=job.backend,
         attempts=job.attempts,
         max_attempts=job.max_attempts,
+        lost_attempts=job.lost_attempts or 0,
         cancel_requested=job.cancel_requested,
         error=error,
         adapter_id=job.adapter_id,
