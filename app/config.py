@@ -39,6 +39,16 @@ class Settings(BaseSettings):
         None,
         description="Generated models (the tiny default), offline tokenizer; default <data_dir>/models",
     )
+    db_pool_size: int = Field(
+        10, ge=1, le=1000, description="PostgreSQL: connections each process keeps open (ignored on SQLite)."
+    )
+    db_max_overflow: int = Field(
+        30,
+        ge=0,
+        le=1000,
+        description="PostgreSQL: extra connections a process may open under load (with db_pool_size, "
+        "40: one for each thread of the API's threadpool).",
+    )
 
     # --- model ---------------------------------------------------------------------------------
     base_model: str = Field(
@@ -140,6 +150,12 @@ class Settings(BaseSettings):
         "gone past its lease, its training child killed, e.g. by the out-of-memory killer) before it "
         "fails as worker_lost; each lost attempt resumes from the last checkpoint. Counted apart from "
         "max_attempts, so a crash loop ends without a flaky host failing sound jobs.",
+    )
+    worker_gpu: int | None = Field(
+        None,
+        ge=0,
+        description="Pin the worker and its training processes to this CUDA device (one worker per GPU); "
+        "unset: they see every GPU of the host.",
     )
 
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")

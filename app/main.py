@@ -16,7 +16,7 @@ from app.ml.modeling import import_unsloth_first
 if os.environ.get("GPTOSS_BACKEND", "auto").strip().lower() != "hf":
     import_unsloth_first()  # a no-op without CUDA or without the unsloth package
 
-from app import queue  # noqa: E402
+from app import identity, queue  # noqa: E402
 from app.api import errors, metrics, middleware
 from app.api.paths import HEALTHZ, READYZ
 from app.api.routes import (
@@ -51,7 +51,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     # The thread pool that runs blocking route code; app.db sizes the SQLite pool from the same setting.
     anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
-    upgrade_to_head(settings)  # also run by every worker; a file lock serialises them
+    upgrade_to_head(settings)  # also run by every worker; a migration lock serialises them
+    identity.check_data_dir(settings, app.state.db)  # refuses a data folder of another deployment
     if settings.auth == "none":
         log.warning(
             "!!! GPTOSS_AUTH=none: API keys are OFF, anyone who reaches %s:%s can train and generate. "

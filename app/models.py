@@ -153,3 +153,15 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column()
     revoked_at: Mapped[datetime | None] = mapped_column()
+
+
+class ServiceIdentity(Base):
+    """One row, made by the migrations: this database's id, and the data folder that holds its marker
+    (app/identity.py compares the two at every start)."""
+
+    __tablename__ = "service_identity"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    data_dir_claimed_at: Mapped[datetime | None] = mapped_column()
+    data_dir_claimed_by: Mapped[str | None] = mapped_column(Text)  # <host>:<absolute data folder>

@@ -2,7 +2,9 @@
 
 A transition is `UPDATE jobs ... WHERE id=:id AND status IN (...)` (plus the owning worker where one
 owns the job); zero rows updated raises TransitionError, so two parties can never both move a job.
-The claim is a single UPDATE over a sub-select, run inside BEGIN IMMEDIATE on SQLite.
+The claim is a single UPDATE over a sub-select: inside BEGIN IMMEDIATE on SQLite, and with the
+sub-select's row locked FOR UPDATE SKIP LOCKED on PostgreSQL, so concurrent workers each take a
+different job instead of queueing behind one row.
 """
 
 from __future__ import annotations
@@ -222,11 +224,13 @@ def claim_next(engine: Engine, worker_id: str, lease_s: float) -> Job | None:
             .where(Job.status == JobStatus.QUEUED)
             .order_by(Job.priority.desc(), Job.id)
             .limit(1)
+            .with_for_update(skip_locked=True)  # PostgreSQL; SQLite's compiler leaves it out
             .scalar_subquery()
         )
         claimed = session.execute(
             update(Job)
-            # The status guard again: off SQLite, a concurrent claim can win the row after our sub-select.
+            # The status guard again: should a claim ever run without the row lock, it cannot take a
+            # job that another claim took after our sub-select read it.
             .where(Job.id == next_id, Job.status == JobStatus.QUEUED)
             .values(
                 status=JobStatus.RUNNING,

@@ -104,8 +104,8 @@ class JobCreate(BaseModel):
 class JobError(BaseModel):
     code: str = Field(
         description="invalid_dataset, invalid_job, training_error, out_of_memory, child_crashed, "
-        "worker_lost (max_lost_attempts attempts lost to crashes), adapter_registration_failed, or internal_error "
-        "(the worker could not record the result; see its log)."
+        "worker_lost (max_lost_attempts attempts lost to crashes), adapter_registration_failed, or "
+        "internal_error (the worker could not record the result; see its log)."
     )
     message: str
 

@@ -1,5 +1,7 @@
 """Alembic environment: the URL comes from Settings (passed in by app.db.upgrade_to_head, else read
-from the environment), so migrations run against exactly the database the service uses."""
+from the environment), so migrations run against exactly the database the service uses. Every online
+run holds app.db.migration_lock, so `alembic upgrade head` from the command line, the API and the
+workers never migrate at the same time (on SQLite or on PostgreSQL, on one host or several)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from logging.config import fileConfig
 from alembic import context
 
 from app.config import Settings, get_settings
-from app.db import make_engine
+from app.db import make_engine, migration_lock
 from app.models import Base
 
 config = context.config
@@ -28,7 +30,7 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     engine = make_engine(settings)
     try:
-        with engine.connect() as connection:
+        with engine.connect() as connection, migration_lock(connection):
             # render_as_batch: SQLite cannot ALTER most things; batch mode rebuilds the table instead.
             context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
             with context.begin_transaction():

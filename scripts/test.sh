@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh
-scripts/install-system.sh  # Debian packages the tests need (chromium for the console's browser test)
+scripts/install-system.sh  # Debian packages the tests need (chromium for the console, postgresql)
 # shellcheck disable=SC1091
 . .venv/bin/activate
 

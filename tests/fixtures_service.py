@@ -79,6 +79,7 @@ def worker_env(settings: Settings, **overrides: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         GPTOSS_DATA_DIR=str(settings.data_dir),
+        GPTOSS_DATABASE_URL=settings.db_url,
         GPTOSS_MODELS_DIR=str(settings.models_path),
         GPTOSS_BASE_MODEL=settings.base_model,
         GPTOSS_BACKEND=settings.backend,

@@ -1,4 +1,5 @@
-"""Dataset uploads against the real app: validated on upload, stored by content hash, guarded deletes."""
+"""Dataset uploads against the real app: validated on upload, stored by content hash, guarded deletes;
+on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.ml.data import SAMPLES_DIR
+from tests.pg import ON_BOTH_DATABASES
+
+pytestmark = ON_BOTH_DATABASES
 
 
 def _rows(count: int) -> bytes:

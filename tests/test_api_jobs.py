@@ -1,4 +1,5 @@
-"""The jobs API against the real app and a real SQLite file (no worker: these jobs stay queued)."""
+"""The jobs API against the real app on a real SQLite file and a real PostgreSQL database (no worker:
+these jobs stay queued)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from fastapi.testclient import TestClient
 
 from app.ml.data import SAMPLES_DIR
 from tests.fixtures_service import SMALL_TRAINING, all_events
+from tests.pg import ON_BOTH_DATABASES
+
+pytestmark = ON_BOTH_DATABASES
 
 
 def submit(client: TestClient, **body: Any) -> dict[str, Any]:

@@ -106,6 +106,59 @@ def _check_command(argv: list[str]) -> None:
         pytest.fail(f"unknown command in docker-compose.yml: {argv}")
 
 
+def test_postgres_service_backs_the_queue_by_default(compose: dict[str, Any]) -> None:
+    """The official image, its own volume (not the data volume), a healthcheck migrate waits for, and
+    the default GPTOSS_DATABASE_URL pointing at it with the psycopg driver and its user and database."""
+    from sqlalchemy import make_url
+
+    services = compose["services"]
+    postgres = services["postgres"]
+    assert re.fullmatch(r"postgres:\d+(\.\d+)?", postgres["image"])  # the official image, a major pinned
+    (mount,) = postgres["volumes"]
+    volume, target = str(mount).split(":")
+    assert volume in compose["volumes"] and target == "/var/lib/postgresql/data"
+    assert all(volume not in str(v) for name in SERVICES for v in services[name]["volumes"])
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in SERVICES:
+        default = re.fullmatch(
+            r"\$\{GPTOSS_DATABASE_URL:-(.+)\}", services[name]["environment"]["GPTOSS_DATABASE_URL"]
+        )
+        assert default, "GPTOSS_DATABASE_URL can be overridden from the environment"
+        url = make_url(default.group(1))
+        env = postgres["environment"]
+        assert (url.drivername, url.host, url.port) == ("postgresql+psycopg", "postgres", 5432)
+        assert (url.username, url.password, url.database) == (
+            env["POSTGRES_USER"],
+            env["POSTGRES_PASSWORD"],
+            env["POSTGRES_DB"],
+        )
+    assert "ports" not in postgres  # reachable only on the compose network
+    assert importlib.util.find_spec("psycopg") is not None  # the driver the URL names is a dependency
+
+
+def _reserved_gpus(service: dict[str, Any]) -> list[str]:
+    devices = service["deploy"]["resources"]["reservations"]["devices"]
+    return [str(d) for device in devices for d in device.get("device_ids", [])]
+
+
+def test_one_worker_per_gpu(compose: dict[str, Any]) -> None:
+    """Each worker service reserves one GPU of its own (a container sees it as cuda:0), runs the same
+    worker on the same data volume and database, and the extra ones are opt-in profiles."""
+    services = compose["services"]
+    workers = {name: s for name, s in services.items() if name == "worker" or name.startswith("worker-gpu")}
+    assert len(workers) >= 2
+    gpus = {name: _reserved_gpus(service) for name, service in workers.items()}
+    assert all(len(ids) == 1 for ids in gpus.values()), gpus
+    assert len({ids[0] for ids in gpus.values()}) == len(workers), f"one GPU each: {gpus}"
+    for name, service in workers.items():
+        assert _command(service) == _command(services["worker"])
+        assert service["volumes"] == services["worker"]["volumes"]
+        assert service["environment"] == services["worker"]["environment"]
+        if name != "worker":
+            assert service["profiles"] == [f"gpu{gpus[name][0]}"] and name == f"worker-gpu{gpus[name][0]}"
+
+
 def test_api_port_matches_the_image(compose: dict[str, Any], dockerfile: list[tuple[str, str]]) -> None:
     api = compose["services"]["api"]
     container_ports = {str(p).rsplit(":", 1)[-1] for p in api["ports"]}

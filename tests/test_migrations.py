@@ -1,4 +1,5 @@
-"""The schema comes only from Alembic: upgrade an empty database to head, match the models, go back down."""
+"""The schema comes only from Alembic: upgrade an empty database to head, match the models, go back down;
+on SQLite and on PostgreSQL (the same migrations: types, JSON, booleans, defaults, id lengths)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,20 @@ import sys
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect, select, text
 from sqlalchemy.orm import Session
 
 from app import datasets
 from app.config import Settings
 from app.db import current_revision, downgrade_to, head_revision, make_engine, upgrade_to_head
-from app.models import Base, Job
+from app.models import Base, Job, ServiceIdentity
 from tests.fixtures_service import ROOT, worker_env
+from tests.pg import ON_BOTH_DATABASES
 
-TABLES = {"files", "jobs", "job_events", "adapters", "api_keys"}
+TABLES = {"files", "jobs", "job_events", "adapters", "api_keys", "service_identity"}
 
 
+@ON_BOTH_DATABASES
 def test_upgrade_to_head_then_downgrade_to_empty(svc_settings: Settings) -> None:
     engine = make_engine(svc_settings)
     assert current_revision(engine) is None
@@ -28,8 +31,10 @@ def test_upgrade_to_head_then_downgrade_to_empty(svc_settings: Settings) -> None
     assert set(inspect(engine).get_table_names()) >= TABLES
     with engine.connect() as conn:  # the migrations build exactly what the models describe
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
-        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        if engine.dialect.name == "sqlite":
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert len(conn.execute(select(ServiceIdentity.id)).all()) == 1  # the database's id
     downgrade_to(svc_settings, "base")
     engine.dispose()
     assert not TABLES & set(inspect(engine).get_table_names())
@@ -38,24 +43,32 @@ def test_upgrade_to_head_then_downgrade_to_empty(svc_settings: Settings) -> None
     assert current_revision(engine) == head_revision()
 
 
+@ON_BOTH_DATABASES
 def test_processes_starting_together_all_migrate_safely(svc_settings: Settings) -> None:
-    """API and workers run `upgrade head` at start; three at once must all succeed."""
+    """API and workers run `upgrade head` at start, and an operator may run `alembic upgrade head` at
+    the same moment: all take the same migration lock, so all four succeed (none dies of a locked
+    database or of a table another one just created)."""
     code = "from app.config import get_settings as s; from app.db import upgrade_to_head as up; up(s())"
+    commands = [[sys.executable, "-c", code]] * 3 + [[sys.executable, "-m", "alembic", "upgrade", "head"]]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", code],
+            command,
             cwd=ROOT,
             env=worker_env(svc_settings),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
-        for _ in range(3)
+        for command in commands
     ]
     outputs = [proc.communicate(timeout=120)[0].decode() for proc in procs]
-    assert [proc.returncode for proc in procs] == [0, 0, 0], outputs
-    assert current_revision(make_engine(svc_settings)) == head_revision()
+    assert [proc.returncode for proc in procs] == [0, 0, 0, 0], outputs
+    engine = make_engine(svc_settings)
+    assert current_revision(engine) == head_revision()
+    with engine.connect() as conn:
+        assert len(conn.execute(select(ServiceIdentity.id)).all()) == 1  # migrated once, not twice
 
 
+@ON_BOTH_DATABASES
 def test_0002_turns_stored_dataset_paths_into_references(svc_settings: Settings) -> None:
     """Jobs queued before 0002 held an upload's server path in their config; after it, the reference
     (the file id) that app.datasets resolves when the child reads the data. And back down again."""

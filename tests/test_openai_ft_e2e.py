@@ -12,9 +12,9 @@ from typing import Any, cast
 import openai
 import pytest
 
-from app.api.deps import create_api_key
 from app.config import Settings
 from app.db import make_engine, make_sessionmaker
+from app.keys import create_api_key
 from app.ml.data import SAMPLES_DIR
 from tests.fixtures_service import SMALL_TRAINING, StartWorker
 

@@ -1,4 +1,5 @@
-"""The queue's guarded statements, straight against a real SQLite file (no training here)."""
+"""The queue's guarded statements, straight against a real SQLite file and a real PostgreSQL database
+(no training here)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from app.db import current_revision, head_revision, make_engine, make_sessionmak
 from app.exceptions import TransitionError
 from app.models import Job
 from tests.fixtures_service import StartWorker
+from tests.pg import ON_BOTH_DATABASES, SQLITE_ONLY
 
 
 def _new_jobs(settings: Settings, count: int, **fields: object) -> list[str]:
@@ -37,9 +39,12 @@ def _claim_all(settings: Settings, worker_id: str, out: multiprocessing.Queue) -
     out.put((worker_id, claimed))
 
 
+@ON_BOTH_DATABASES
 def test_many_workers_claim_each_job_exactly_once(svc_settings: Settings) -> None:
+    """4 workers x 40 jobs: PostgreSQL's SKIP LOCKED and SQLite's BEGIN IMMEDIATE each hand every job
+    to exactly one of them."""
     upgrade_to_head(svc_settings)
-    ids = _new_jobs(svc_settings, 60)
+    ids = _new_jobs(svc_settings, 160)
     ctx = multiprocessing.get_context("fork")
     out: multiprocessing.Queue = ctx.Queue()  # type: ignore[type-arg]
     procs = [ctx.Process(target=_claim_all, args=(svc_settings, f"w{i}", out)) for i in range(4)]
@@ -57,6 +62,7 @@ def test_many_workers_claim_each_job_exactly_once(svc_settings: Settings) -> Non
                 assert (job.status, job.worker_id, job.attempts) == ("running", worker_id, 1)
 
 
+@ON_BOTH_DATABASES
 def test_claim_order_is_priority_then_age(svc_settings: Settings) -> None:
     upgrade_to_head(svc_settings)
     old, new = _new_jobs(svc_settings, 2)
@@ -66,6 +72,7 @@ def test_claim_order_is_priority_then_age(svc_settings: Settings) -> None:
     assert [job.id if job else None for job in order] == [urgent, old, new, None]
 
 
+@ON_BOTH_DATABASES
 def test_expired_lease_is_a_lost_attempt_requeued_until_max_lost_attempts(svc_settings: Settings) -> None:
     """A lost worker is not the job's fault: max_attempts (1 here) does not fail it, the separate
     crash-loop limit does."""
@@ -96,6 +103,7 @@ def test_expired_lease_is_a_lost_attempt_requeued_until_max_lost_attempts(svc_se
         assert "max_lost_attempts" in (job.error_message or "")
 
 
+@ON_BOTH_DATABASES
 def test_only_the_attempt_that_runs_a_job_owns_it(svc_settings: Settings) -> None:
     """The fence a training child checks before each checkpoint."""
     upgrade_to_head(svc_settings)
@@ -117,6 +125,7 @@ def test_only_the_attempt_that_runs_a_job_owns_it(svc_settings: Settings) -> Non
         assert not queue.owns(session, job_id, "w2", first.attempts)
 
 
+@ON_BOTH_DATABASES
 def test_transitions_are_guarded_on_status_and_owner(svc_settings: Settings) -> None:
     upgrade_to_head(svc_settings)
     (job_id,) = _new_jobs(svc_settings, 1)
@@ -137,6 +146,7 @@ def test_transitions_are_guarded_on_status_and_owner(svc_settings: Settings) -> 
         assert queue.get_job(session, job_id).status == "cancelled"
 
 
+@ON_BOTH_DATABASES
 def test_resumed_steps_replace_the_abandoned_attempts_records(svc_settings: Settings) -> None:
     upgrade_to_head(svc_settings)
     (job_id,) = _new_jobs(svc_settings, 1)
@@ -156,6 +166,7 @@ def test_resumed_steps_replace_the_abandoned_attempts_records(svc_settings: Sett
         assert queue.get_job(session, job_id).train_loss == 0.3
 
 
+@ON_BOTH_DATABASES
 def test_worker_once_on_an_empty_queue_migrates_and_exits(
     svc_settings: Settings, start_worker: StartWorker
 ) -> None:
@@ -164,6 +175,7 @@ def test_worker_once_on_an_empty_queue_migrates_and_exits(
     assert current_revision(make_engine(svc_settings)) == head_revision()  # it migrated the empty database
 
 
+@SQLITE_ONLY
 def test_a_locked_database_does_not_cost_a_running_job_its_lease(
     svc_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

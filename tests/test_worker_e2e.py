@@ -1,7 +1,9 @@
 """End to end: real worker processes train the real tiny model; the API is the real app.
 
 Each job trains a handful of steps, so a run takes seconds; most of it is the child interpreter
-importing torch/transformers and loading the model.
+importing torch/transformers and loading the model. The full path over HTTP and the resume after a
+killed worker also run on PostgreSQL; the other cases exercise the worker, not the database, and run on
+SQLite only, to keep the suite's time.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from tests.fixtures_service import (
     wait_for,
     wait_status,
 )
+from tests.pg import ON_BOTH_DATABASES
 
 pytestmark = pytest.mark.slow
 
@@ -51,6 +54,7 @@ def steps_of(http: httpx.Client | TestClient, job_id: str) -> list[int]:
     return [e["step"] for e in all_events(http, job_id, kind="metrics")]
 
 
+@ON_BOTH_DATABASES
 def test_submit_train_succeed_over_real_http(
     svc_server: str, start_worker: StartWorker, svc_settings: Settings
 ) -> None:
@@ -119,6 +123,7 @@ def test_cancel_while_running_keeps_the_checkpoint(
     assert worker.poll() is None
 
 
+@ON_BOTH_DATABASES
 def test_sigkilled_worker_job_resumes_elsewhere_without_lost_or_repeated_steps(
     svc_client: TestClient, start_worker: StartWorker
 ) -> None:

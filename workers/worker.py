@@ -1,12 +1,14 @@
 """The worker loop: requeue expired leases, claim one job, run it in a child process, finalise it.
 
-    python -m workers.worker [--once] [--worker-id ID]
+    python -m workers.worker [--once] [--worker-id ID] [--gpu N]
 
 The training runs in `python -m workers.run_job <job id>`, a clean interpreter, so an out-of-memory kill
 or a crash in CUDA code ends that child only: its job fails with a clear error and the loop goes on.
 The child dies with the worker (PR_SET_PDEATHSIG), so a SIGKILLed worker leaves no training behind; its
 job is requeued when its lease expires and resumes from the last checkpoint.
 SIGTERM/SIGINT: the current step finishes, a checkpoint is written, the job goes back to the queue.
+A host with several GPUs runs one worker per GPU, each with `--gpu N` (GPTOSS_WORKER_GPU): its
+training children see only that device (CUDA_VISIBLE_DEVICES), and each worker claims its own jobs.
 This module never imports FastAPI.
 """
 
@@ -31,7 +33,7 @@ from typing import Any
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from app import adapter_folder, queue, registry
+from app import adapter_folder, identity, queue, registry
 from app.config import Settings, get_settings
 from app.db import ROOT, make_engine, make_sessionmaker, upgrade_to_head
 from app.exceptions import ServiceError, TransitionError
@@ -57,6 +59,9 @@ def child_env(settings: Settings, worker_id: str) -> dict[str, str]:
         GPTOSS_PARENT_PID=str(os.getpid()),
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
     )
+    if settings.worker_gpu is not None:
+        # The child's only device is then its cuda:0; PCI order so N is nvidia-smi's GPU N.
+        env.update(CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES=str(settings.worker_gpu))
     return env
 
 
@@ -78,7 +83,8 @@ class Supervision:
 class Worker:
     def __init__(self, settings: Settings, worker_id: str | None = None) -> None:
         self.settings = settings
-        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        gpu = "" if settings.worker_gpu is None else f"-gpu{settings.worker_gpu}"
+        self.worker_id = worker_id or f"{socket.gethostname()}{gpu}-{os.getpid()}"
         self.db = make_engine(settings)
         self.sessions = make_sessionmaker(self.db, immediate=True)  # its sessions read, then write
         self.read_sessions = make_sessionmaker(self.db)  # the frequent cancel check takes no write lock
@@ -88,7 +94,10 @@ class Worker:
 
     def run(self, *, once: bool = False) -> None:
         upgrade_to_head(self.settings)
-        log.info("worker %s polling every %.1fs", self.worker_id, self.settings.worker_poll_s)
+        identity.check_data_dir(self.settings, self.db)
+        gpu = self.settings.worker_gpu
+        devices = "every GPU" if gpu is None else f"GPU {gpu}"
+        log.info("worker %s (%s) polling every %.1fs", self.worker_id, devices, self.settings.worker_poll_s)
         while not self.stopping.is_set():
             try:
                 job = self.poll()
@@ -323,14 +332,25 @@ def _tail(path: Path, limit: int = 1500) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run fine-tuning jobs from the queue.")
     parser.add_argument("--once", action="store_true", help="Run at most one job, then exit.")
-    parser.add_argument("--worker-id", help="Name in the jobs table; default <host>-<pid>.")
+    parser.add_argument("--worker-id", help="Name in the jobs table; default <host>[-gpuN]-<pid>.")
+    parser.add_argument(
+        "--gpu", type=int, help="Train on this CUDA device only (overrides GPTOSS_WORKER_GPU)."
+    )
     args = parser.parse_args(argv)
     settings = get_settings()
+    if args.gpu is not None:
+        if args.gpu < 0:
+            parser.error("--gpu must be a CUDA device number, 0 or more")
+        settings = settings.model_copy(update={"worker_gpu": args.gpu})
     configure_logging(settings)  # JSON lines like the API's (GPTOSS_LOG_JSON), with the job id
     worker = Worker(settings, args.worker_id)
     signal.signal(signal.SIGTERM, worker.request_stop)
     signal.signal(signal.SIGINT, worker.request_stop)
-    worker.run(once=args.once)
+    try:
+        worker.run(once=args.once)
+    except identity.DataDirMismatch as err:
+        log.error("worker %s refuses to start: %s", worker.worker_id, err)
+        sys.exit(f"worker: {err}")
 
 
 if __name__ == "__main__":
