@@ -90,7 +90,7 @@ def test_0002_turns_stored_dataset_paths_into_references(svc_settings: Settings)
         insert_job = text(
             "INSERT INTO jobs (id, status, priority, base_model, dataset, file_id, config, metadata, "
             "attempts, max_attempts, cancel_requested, step, created_at, updated_at) VALUES (:id, "
-            "'queued', 0, 'tiny-gpt-oss', :dataset, :file_id, :config, '{}', 0, 3, 0, 0, "
+            "'queued', 0, 'tiny-gpt-oss', :dataset, :file_id, :config, '{}', 0, 3, false, 0, "
             "'2026-01-01', '2026-01-01')"
         )
         conn.execute(
@@ -108,5 +108,6 @@ def test_0002_turns_stored_dataset_paths_into_references(svc_settings: Settings)
         assert datasets.resolve_sources(session, upload.config) == {"dataset": path, "eval_dataset": path}
     downgrade_to(svc_settings, "0001")
     with engine.connect() as conn:
-        restored = json.loads(conn.execute(text("SELECT config FROM jobs WHERE id = 'ftjob_1'")).scalar_one())
+        stored = conn.execute(text("SELECT config FROM jobs WHERE id = 'ftjob_1'")).scalar_one()
+        restored = stored if isinstance(stored, dict) else json.loads(stored)  # PostgreSQL: JSON decoded
         assert restored["dataset"] == restored["eval_dataset"] == path
