@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from app.db import immediate_session, utcnow
 from app.exceptions import Conflict, NotFound, TransitionError
 from app.models import ACTIVE_STATUSES, FINAL_STATUSES, Job, JobEvent, JobStatus
+from app.owners import may_see, where_owned
 from app.pagination import PageRows, paginate
 
 # --- creation ---------------------------------------------------------------------------------------
@@ -106,9 +107,10 @@ def _by_idempotency_key(session: Session, key: str, digest: str) -> Job | None:
 # --- reads ------------------------------------------------------------------------------------------
 
 
-def get_job(session: Session, job_id: str) -> Job:
+def get_job(session: Session, job_id: str, *, owner: str | None = None) -> Job:
+    """The job, if `owner` may see it (app.owners); another key's job is as missing as no job."""
     job = session.get(Job, job_id, populate_existing=True)
-    if job is None:
+    if job is None or not may_see(job.api_key_id, owner):
         raise NotFound(f"job {job_id!r} does not exist", field="job_id")
     return job
 
@@ -128,9 +130,11 @@ def queue_position(session: Session, job: Job) -> int | None:
     return int(ahead or 0) + 1
 
 
-def list_jobs(session: Session, *, status: str | None, after: str | None, limit: int) -> PageRows:
+def list_jobs(
+    session: Session, *, status: str | None, after: str | None, limit: int, owner: str | None = None
+) -> PageRows:
     """Newest first; `after` is the last id of the previous page."""
-    query = select(Job)
+    query = select(Job).where(where_owned(Job.api_key_id, owner))
     if status:
         query = query.where(Job.status == status)
     return paginate(session, query, Job.id, after=after, limit=limit)
@@ -172,12 +176,13 @@ def metrics_series(session: Session, job_id: str) -> list[tuple[int, dict[str, A
     return [(step, data or {}) for step, data in session.execute(query)]
 
 
-def jobs_using_file(session: Session, file_id: str) -> Sequence[str]:
-    """Active jobs that read this upload, as their dataset or as hyperparameters.eval_dataset (both
-    hold the file id: app.datasets resolves it to the stored path only when the data is read)."""
+def jobs_using_file(session: Session, file_id: str) -> Sequence[tuple[str, str | None]]:
+    """Active jobs (id, owner) that read this upload, as their dataset or as
+    hyperparameters.eval_dataset (both hold the file id: app.datasets resolves it to the stored path
+    only when the data is read)."""
     uses = or_(Job.file_id == file_id, Job.config["eval_dataset"].as_string() == file_id)
-    query = select(Job.id).where(uses, Job.status.in_(ACTIVE_STATUSES))
-    return list(session.scalars(query))
+    query = select(Job.id, Job.api_key_id).where(uses, Job.status.in_(ACTIVE_STATUSES))
+    return [(job_id, owner) for job_id, owner in session.execute(query)]
 
 
 # --- the guarded transition ---------------------------------------------------------------------------
@@ -425,9 +430,9 @@ def release(session: Session, job_id: str, worker_id: str, reason: str) -> None:
 # --- API side -----------------------------------------------------------------------------------------
 
 
-def request_cancel(session: Session, job_id: str) -> Job:
+def request_cancel(session: Session, job_id: str, *, owner: str | None = None) -> Job:
     """Queued: cancelled at once. Running: flagged; its worker stops it in seconds, keeping checkpoints."""
-    job = get_job(session, job_id)
+    job = get_job(session, job_id, owner=owner)
     try:
         if job.status == JobStatus.QUEUED:
             _transition(session, job_id, [JobStatus.QUEUED], status=JobStatus.CANCELLED, finished_at=utcnow())
@@ -440,7 +445,7 @@ def request_cancel(session: Session, job_id: str) -> Job:
         job = get_job(session, job_id)  # it moved meanwhile (claimed or finished): say where it is now
         if job.status in FINAL_STATUSES:
             raise Conflict(f"job {job_id} already {job.status}; nothing to cancel", field="job_id") from None
-        return request_cancel(session, job_id)
+        return request_cancel(session, job_id, owner=owner)
     session.commit()
     return get_job(session, job_id)
 

@@ -277,6 +277,7 @@ class Worker:
                 name=result["adapter_name"],
                 folder=Path(result["adapter_path"]),
                 job_id=job.id,
+                api_key_id=job.api_key_id,  # the adapter belongs to whoever owns its job
             )
         except (ServiceError, FileNotFoundError) as err:
             # No row points at the folder, and a retry would only fail the same way: do not leave

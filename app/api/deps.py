@@ -85,18 +85,35 @@ def require_scope(scope: str) -> Callable[..., ApiKey | None]:
     return check
 
 
+def owner_of(key: ApiKey | None) -> str | None:
+    """The owner whose objects `key` may see (app.owners): its own id, or None (everything) for an
+    admin key and with auth=none."""
+    if key is None or "admin" in key.scopes.split(","):
+        return None
+    return key.id
+
+
+def key_id(key: ApiKey | None) -> str | None:
+    """The owner recorded on what `key` creates (None with auth=none)."""
+    return None if key is None else key.id
+
+
 ReadKey = Annotated[ApiKey | None, Depends(require_scope("read"))]
 TrainKey = Annotated[ApiKey | None, Depends(require_scope("train"))]
-GenerateKey = Annotated[ApiKey | None, Depends(require_scope("generate"))]
+# One callable for the generate routers' own dependency and GenerateKey, so FastAPI checks a key once.
+generate_scope = require_scope("generate")
+GenerateKey = Annotated[ApiKey | None, Depends(generate_scope)]
 AdminKey = Annotated[ApiKey | None, Depends(require_scope("admin"))]
 
 
-def resolve_adapter(session: Session, engine: InferenceEngine, ref: str | None) -> AdapterSpec | None:
+def resolve_adapter(
+    session: Session, engine: InferenceEngine, ref: str | None, *, owner: str | None = None
+) -> AdapterSpec | None:
     """The registry row for `ref` (id or name) as the engine's AdapterSpec: NotFound 404, or Conflict
     409 when it is for another base than the engine's."""
     if ref is None:
         return None
-    row = find_adapter(session, ref)
+    row = find_adapter(session, ref, owner=owner)
     spec = AdapterSpec(
         id=row.id,
         name=row.name,
