@@ -43,7 +43,8 @@ DESCRIPTION = f"""LoRA fine-tuning and serving for gpt-oss-20b on your own GPU.
 
 Upload a JSONL dataset (`POST /files`), start a job (`POST /jobs`), poll it (`GET /jobs/{{id}}`),
 then generate with the adapter it produced (`POST /generate`, or the OpenAI-compatible `/v1`).
-Every route but `{HEALTHZ}` and `{READYZ}` needs `Authorization: Bearer <key>`."""
+Every route but `{HEALTHZ}`, `{READYZ}`, `/metrics`, these docs (`/docs`, `/redoc`, `/openapi.json`) and
+the console's page needs `Authorization: Bearer <key>`. Timestamps are UTC, with their offset."""
 
 
 @asynccontextmanager
@@ -99,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     for module in (health, files, jobs, adapters, generate, openai_compat, openai_ft, plots, docs, console):
         app.include_router(module.router)
+    errors.document_errors(app)
     middleware.install(app, settings)
     metrics.install(app)
     return app

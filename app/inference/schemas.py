@@ -31,7 +31,23 @@ class ChatMessage(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        # The rule _one_input enforces, stated in /openapi.json too.
+        json_schema_extra={
+            "oneOf": [
+                {
+                    "required": ["messages"],
+                    "properties": {"messages": {"type": "array"}, "prompt": {"type": "null"}},
+                },
+                {
+                    "required": ["prompt"],
+                    "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}},
+                },
+            ]
+        },
+    )
 
     adapter: str | None = Field(None, description="Adapter id or name; omitted = the plain base model.")
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=1000)

@@ -17,7 +17,6 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,6 +33,7 @@ from app.exceptions import NotFound
 from app.ml.data import sample_names
 from app.models import Job
 from app.pagination import MAX_EVENT_ID
+from app.schemas import UtcDateTime, as_utc
 
 log = logging.getLogger("app.console")
 router = APIRouter(include_in_schema=False)
@@ -101,8 +101,8 @@ class JobSummary(BaseModel):
     cancel_requested: bool
     error: str | None
     adapter_id: str | None
-    created_at: datetime
-    finished_at: datetime | None
+    created_at: UtcDateTime
+    finished_at: UtcDateTime | None
 
 
 def _summary(session: Session, job: Job) -> JobSummary:
@@ -294,5 +294,5 @@ def _event_json(row: Any) -> dict[str, Any]:
         "step": row.step,
         "message": row.message,
         "data": row.data,
-        "created_at": row.created_at.isoformat(),
+        "created_at": as_utc(row.created_at).isoformat(),
     }
