@@ -51,8 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="the result JSON file")
     p.add_argument("--worker-kills", type=int, default=20)
     p.add_argument("--child-kills", type=int, default=5)
-    p.add_argument("--steps", type=int, default=120, help="training steps of the job")
-    p.add_argument("--save-steps", type=int, default=5)
+    # Long enough that every kill lands while the job trains (about 6 steps/s on the 2-core machine).
+    p.add_argument("--steps", type=int, default=1000, help="training steps of the job")
+    p.add_argument("--save-steps", type=int, default=10)
     p.add_argument("--min-delay", type=float, default=1.0, help="seconds after a claim, earliest kill")
     p.add_argument("--max-delay", type=float, default=12.0, help="seconds after a claim, latest kill")
     p.add_argument("--lease-s", type=float, default=3.0, help="GPTOSS_LEASE_S of the workers")
@@ -321,7 +322,8 @@ def soak(args: argparse.Namespace, procs: Processes, client: httpx.Client, resul
     result["final"]["lost_attempts"] = final.get("lost_attempts")
     result["checks"] = checks(args, client, final, log, crashes, procs.logs / "data")
     result["kills_done"] = sum(1 for c in crashes if "skipped" not in c)
-    flags = ("succeeded", "every_step_once", "repeated_within_save_steps", "one_adapter")
+    result["checks"]["all_kills_done"] = result["kills_done"] == len(plan)
+    flags = ("succeeded", "every_step_once", "repeated_within_save_steps", "one_adapter", "all_kills_done")
     return all(result["checks"][flag] for flag in flags) and result["checks"]["attempts_never_interleaved"]
 
 
