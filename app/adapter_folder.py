@@ -39,6 +39,10 @@ class BaseMismatch(AdapterFolderError, ValueError):
     """The adapter records another base model than the loaded one, or does not record one at all."""
 
 
+class UnreadableLayout(AdapterFolderError, ValueError):
+    """The LoRA weights are packed in a way this project cannot read or rewrite (app.ml.lora_layout)."""
+
+
 # --- reading ---------------------------------------------------------------------------------------
 
 
@@ -207,13 +211,27 @@ def _alive(pid: int) -> bool:
 
 
 def check_for_registration(folder: Path) -> dict[str, Any]:
-    """The checks a finished folder passes before a registry row may point at it; returns its
-    manifest. The place for registration-time work on the folder (e.g. normalizing the LoRA layout
-    once), so the inference side can rely on what a registered folder holds."""
+    """The checks a finished folder passes before a registry row may point at it, and the work done
+    on it once, there; returns its manifest. An expert LoRA is rewritten into PEFT's packing (what
+    vLLM reads; a no-op for PEFT's own saves and current Unsloth ones), so every engine can rely on
+    the layout of a registered folder. Whether vLLM can serve it (rank, modules) is the engine's
+    check, at first use: it depends on the server's limits, not on the folder."""
     folder = Path(folder)
     if not has_weights(folder):
         raise IncompleteFolder(f"{folder / PEFT_CONFIG} is missing: the adapter folder is incomplete")
-    return read_manifest(folder)
+    manifest = read_manifest(folder)
+    _normalize_lora_layout(folder)
+    return manifest
+
+
+def _normalize_lora_layout(folder: Path) -> None:
+    from app.ml import lora_layout  # torch: imported only where an adapter is registered
+
+    try:
+        if lora_layout.has_expert_lora(lora_layout.read_config(folder)):
+            lora_layout.normalize_adapter(folder)
+    except lora_layout.AdapterLayoutError as exc:
+        raise UnreadableLayout(f"adapter folder {folder}: {exc}") from exc
 
 
 def delete(folder: Path) -> None:

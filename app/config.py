@@ -53,8 +53,8 @@ class Settings(BaseSettings):
     # --- model ---------------------------------------------------------------------------------
     base_model: str = Field(
         "auto",
-        description=f"'auto' = {GPU_DEFAULT_MODEL_ID} with a CUDA GPU, else the embedded '{TINY_MODEL_ID}'. "
-        "Also a hub id or a local folder.",
+        description=f"'auto' = {GPU_DEFAULT_MODEL_ID} with a CUDA GPU or a vLLM server (vllm_url), else the "
+        f"embedded '{TINY_MODEL_ID}'. Also a hub id or a local folder. Adapters are checked against it.",
     )
     backend: Literal["auto", "unsloth", "hf"] = Field(
         "auto", description="'auto' = unsloth where CUDA and Unsloth are present, else transformers+PEFT"
@@ -138,6 +138,41 @@ class Settings(BaseSettings):
         "(worker_poll_s), so a queue of jobs keeps the GPU and the model is not reloaded between them.",
     )
 
+    # --- engine: who generates --------------------------------------------------------------------
+    engine: Literal["auto", "inprocess", "vllm"] = Field(
+        "auto",
+        description="'inprocess': this process loads the base and generates (transformers + PEFT, or "
+        "Unsloth). 'vllm': a vLLM OpenAI-compatible server at vllm_url generates; the API keeps routes, "
+        "auth, limits and the harmony handling. 'auto' = vllm when vllm_url is set, else inprocess.",
+    )
+    vllm_url: str | None = Field(
+        None, description="The vLLM server's base URL (e.g. http://vllm:8000); unset: no vLLM server."
+    )
+    vllm_served_model: str | None = Field(
+        None,
+        description="vLLM's name for the base model (its --served-model-name); unset: the base model "
+        "that vLLM's /v1/models lists.",
+    )
+    vllm_api_key: str | None = Field(None, description="vLLM's --api-key, when the vLLM server has one.")
+    vllm_max_lora_rank: int = Field(
+        16,
+        ge=1,
+        description="The vLLM server's --max-lora-rank: an adapter of a higher rank is refused (409) "
+        "before it is sent.",
+    )
+    vllm_max_cpu_loras: int = Field(
+        8,
+        ge=1,
+        description="Adapters kept registered in vLLM (its --max-cpu-loras); past it the least recently "
+        "used one without requests running is unloaded.",
+    )
+    vllm_timeout_s: float = Field(
+        600.0, gt=0, description="Longest wait for one vLLM answer (a whole streamed generation)."
+    )
+    vllm_connect_timeout_s: float = Field(
+        5.0, gt=0, description="Longest wait to connect to vLLM; past it a request gets 503 + Retry-After."
+    )
+
     # --- worker --------------------------------------------------------------------------------------
     worker_poll_s: float = Field(1.0, gt=0, description="How often an idle worker looks for a job.")
     heartbeat_s: float = Field(5.0, gt=0, description="Worker heartbeat interval.")
@@ -163,6 +198,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
+        if self.engine == "vllm" and not self.vllm_url:
+            raise ValueError("engine 'vllm' needs vllm_url (GPTOSS_VLLM_URL), the vLLM server's base URL")
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.data_dir.resolve() / 'service.db'}"
         if self.models_dir is None:
@@ -193,10 +230,16 @@ class Settings(BaseSettings):
         assert self.models_dir is not None
         return self.models_dir
 
+    @property
+    def uses_vllm(self) -> bool:
+        """Generation by the vLLM server (engine 'vllm', or 'auto' with vllm_url set)."""
+        return self.engine == "vllm" or (self.engine == "auto" and bool(self.vllm_url))
+
     def resolved_base_model(self) -> str:
         if self.base_model != "auto":
             return self.base_model
-        return GPU_DEFAULT_MODEL_ID if cuda_available() else TINY_MODEL_ID
+        # An API in front of vLLM needs no GPU of its own, but vLLM serves the real model.
+        return GPU_DEFAULT_MODEL_ID if self.uses_vllm or cuda_available() else TINY_MODEL_ID
 
 
 @lru_cache

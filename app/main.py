@@ -33,7 +33,7 @@ from app.api.routes import (
 )
 from app.config import Settings, get_settings
 from app.db import make_engine, make_sessionmaker, upgrade_to_head
-from app.inference.engine import create_engine
+from app.inference.base import create_engine
 from app.inference.gpu_release import TrainingProbe
 from app.logs import configure_logging
 

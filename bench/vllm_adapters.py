@@ -67,7 +67,11 @@ def make_adapter(model: Path, out: Path, *, rank: int, std: float, seed: int) ->
         "use_rslora": False,
     }
     (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
-    manifest = {"base_model": str(model), "base_fingerprint": config_fingerprint(config), "backend": "hf"}
+    # As the trainer records it (the loaded config's fields, defaults included) and the engines check it.
+    from transformers import AutoConfig
+
+    fingerprint = config_fingerprint(AutoConfig.from_pretrained(str(model)))
+    manifest = {"base_model": str(model), "base_fingerprint": fingerprint, "backend": "hf"}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
 

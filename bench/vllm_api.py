@@ -1,48 +1,25 @@
-"""Our API with the vLLM engine, for bench/vllm_bench.py on a GPU host (until the engine seam picks
-it from settings, this factory swaps it in): the same routes, auth, limits and harmony handling, with
-generation sent to the vLLM server at $GPTOSS_VLLM_URL.
+"""Register adapters in our registry for bench/vllm_bench.py on a GPU host, as the worker does when a
+job succeeds (app.registry.register_adapter: the folder checked, its LoRA layout normalized once).
+
+Our API in front of vLLM needs no code of its own: the settings pick the vLLM engine.
 
     python bench/vllm_api.py register --id ad_a0 --name a0 --folder /tmp/adapters/a0
-    uvicorn --factory bench.vllm_api:create_app_with_vllm --port 8000
+    GPTOSS_ENGINE=vllm GPTOSS_VLLM_URL=http://127.0.0.1:8001 \
+        uvicorn --factory app.main:app_from_env --port 8000
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
+import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def vllm_options() -> Any:
-    from app.inference.vllm_engine import VllmOptions
-    from app.ml.modeling import config_fingerprint
-
-    model = os.environ["GPTOSS_BASE_MODEL"]
-    config = json.loads((Path(model) / "config.json").read_text())
-    return VllmOptions(
-        url=os.environ["GPTOSS_VLLM_URL"],
-        served_model=os.environ.get("GPTOSS_VLLM_SERVED_MODEL", model),
-        max_resident=int(os.environ.get("GPTOSS_VLLM_MAX_RESIDENT", "8")),
-        max_lora_rank=int(os.environ.get("GPTOSS_VLLM_MAX_LORA_RANK", "16")),
-        base_fingerprint=config_fingerprint(config),
-    )
-
-
-def create_app_with_vllm() -> Any:
-    import app.main as main
-    from app.config import Settings
-    from app.inference.vllm_engine import VllmEngine
-
-    main.create_engine = lambda settings: VllmEngine(settings, vllm_options())  # type: ignore[assignment,return-value,misc]
-    return main.create_app(Settings())
-
-
-def register(adapter_id: str, name: str, folder: Path) -> None:
+def register(adapter_id: str, name: str, folder: Path) -> float:
+    """Add the registry row (what makes the adapter servable); returns the seconds it took."""
     from app.config import Settings
     from app.db import make_engine, make_sessionmaker, upgrade_to_head
     from app.registry import register_adapter
@@ -50,7 +27,9 @@ def register(adapter_id: str, name: str, folder: Path) -> None:
     settings = Settings()
     upgrade_to_head(settings)
     with make_sessionmaker(make_engine(settings))() as session:
+        started = time.monotonic()
         register_adapter(session, adapter_id=adapter_id, name=name, folder=folder, job_id=None)
+        return time.monotonic() - started
 
 
 if __name__ == "__main__":
@@ -63,4 +42,4 @@ if __name__ == "__main__":
     reg.add_argument("--name", required=True)
     reg.add_argument("--folder", type=Path, required=True)
     args = parser.parse_args()
-    register(args.id, args.name, args.folder)
+    print(f"registered {args.id} in {register(args.id, args.name, args.folder):.3f} s")

@@ -78,7 +78,7 @@ def test_all_services_share_one_data_volume(compose: dict[str, Any]) -> None:
         assert re.fullmatch(r"\$\{HF_TOKEN(:?-[^}]*)?\}", env["HF_TOKEN"]), "HF token from the environment"
 
 
-@pytest.mark.parametrize("name", ["api", "worker"])
+@pytest.mark.parametrize("name", ["vllm", "worker"])
 def test_gpu_reserved(compose: dict[str, Any], name: str) -> None:
     devices = compose["services"][name]["deploy"]["resources"]["reservations"]["devices"]
     assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
@@ -104,6 +104,70 @@ def _check_command(argv: list[str]) -> None:
         assert importlib.util.find_spec("alembic") is not None
     else:
         pytest.fail(f"unknown command in docker-compose.yml: {argv}")
+
+
+def _defaults(value: str) -> str:
+    """A compose value with every ${VAR:-default} replaced by its default, as with nothing set."""
+    return re.sub(r"\$\{[A-Z_0-9]+:-([^}]*)\}", r"\1", value)
+
+
+def _flags(service: dict[str, Any]) -> dict[str, str]:
+    """--name=value (and bare --name: '') of a service's command."""
+    return {
+        arg.split("=", 1)[0]: (arg.split("=", 1) + [""])[1]
+        for arg in _command(service)
+        if arg.startswith("--")
+    }
+
+
+def test_vllm_service_serves_the_shared_base_with_lora(compose: dict[str, Any]) -> None:
+    """The official vLLM OpenAI-server image at a pinned version, run-time LoRA loading on, its
+    limits from the same variables the api reads, never published, healthy only once /health answers."""
+    vllm = compose["services"]["vllm"]
+    assert re.fullmatch(r"vllm/vllm-openai:v\d+\.\d+\.\d+", vllm["image"]), "pin a version, never latest"
+    assert Version(vllm["image"].split(":v")[1]) >= Version("0.26.0")  # gpt-oss expert LoRA (fused MoE LoRA)
+    assert vllm["entrypoint"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    flags = _flags(vllm)
+    assert flags["--model"] == "${GPTOSS_VLLM_MODEL:-openai/gpt-oss-20b}"  # gpt-oss's own MXFP4 checkpoint
+    assert "--enable-lora" in flags and "--enable-sleep-mode" in flags
+    for flag, variable in [
+        ("--max-lora-rank", "GPTOSS_VLLM_MAX_LORA_RANK"),
+        ("--max-cpu-loras", "GPTOSS_VLLM_MAX_CPU_LORAS"),
+        ("--max-loras", "GPTOSS_VLLM_MAX_LORAS"),
+        ("--gpu-memory-utilization", "GPTOSS_VLLM_GPU_MEMORY_UTILIZATION"),
+    ]:
+        assert re.fullmatch(r"\$\{" + variable + r":-[\d.]+\}", flags[flag]), flag
+    env = vllm["environment"]
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "1"  # /v1/load_lora_adapter and unload
+    assert env["VLLM_SERVER_DEV_MODE"] == "1"  # /sleep and /wake_up
+    assert "ports" not in vllm and "expose" not in vllm  # reachable from the compose network only
+    check = " ".join(vllm["healthcheck"]["test"])
+    assert f"127.0.0.1:{flags['--port']}/health" in check
+
+
+def test_api_generates_through_vllm(compose: dict[str, Any]) -> None:
+    """The api's settings (every variable at its default) pick the vLLM engine at the vllm service's
+    address and agree with the server's limits; it waits for vLLM to be healthy; the folders it
+    registers are where vLLM reads them, read-only."""
+    from app.config import Settings
+
+    services = compose["services"]
+    api, vllm = services["api"], services["vllm"]
+    env = {k: _defaults(str(v)) for k, v in api["environment"].items()}
+    settings = Settings(
+        **{k.removeprefix("GPTOSS_").lower(): v for k, v in env.items() if k.startswith("GPTOSS_")}
+    )
+    assert settings.uses_vllm and settings.engine == "vllm"
+    flags = {k: _defaults(v) for k, v in _flags(vllm).items()}
+    assert settings.vllm_url == f"http://vllm:{flags['--port']}"
+    assert settings.vllm_max_lora_rank == int(flags["--max-lora-rank"])
+    assert settings.vllm_max_cpu_loras == int(flags["--max-cpu-loras"])
+    assert settings.resolved_base_model() == "unsloth/gpt-oss-20b"  # without a GPU in the api too
+    assert api["depends_on"]["vllm"]["condition"] == "service_healthy"
+    assert "deploy" not in api, "the api holds no model: the GPU is vllm's and the worker's"
+    data_volume, data_dir = str(api["volumes"][0]).split(":")
+    assert settings.data_dir == Path(data_dir)
+    assert f"{data_volume}:{data_dir}:ro" in vllm["volumes"]  # adapters at the path the api registers
 
 
 def test_postgres_service_backs_the_queue_by_default(compose: dict[str, Any]) -> None:

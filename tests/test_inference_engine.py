@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from app.exceptions import Busy, Conflict, NotFound
-from app.inference.engine import InferenceEngine, create_engine
+from app.inference.base import create_engine
+from app.inference.engine import InferenceEngine
 from app.inference.stream import CollectingSink, _StopFilter
 from app.inference.types import AdapterSpec, SamplingParams
 from app.ml.harmony import render_prompt
@@ -196,6 +197,33 @@ def test_lru_cache_evicts_least_recent_keeps_pinned_and_unloads(
     assert run(engine, prompt(), specs["a"]) == first["a"]
 
 
+def test_load_makes_an_adapter_resident_before_its_first_request(
+    small_engine: tuple[InferenceEngine, dict[str, AdapterSpec]], tmp_path: Path
+) -> None:
+    engine, specs = small_engine
+    engine.load(specs["b"])  # on the engine thread, between batches
+    assert engine.loaded_adapters() == ["adp_b"]
+    engine.load(specs["b"])  # idempotent
+    answer = run(engine, prompt(), specs["b"])
+    assert engine.loaded_adapters() == ["adp_b"] and answer == run(engine, prompt(), specs["b"])
+    foreign = AdapterSpec("adp_f", "f", specs["c"].path, "e" * 64)
+    with pytest.raises(Conflict, match="another base model"):
+        engine.load(foreign)
+    broken = AdapterSpec("adp_x", "x", copy_adapter_config_broken(specs["c"], tmp_path), engine.fingerprint)
+    with pytest.raises(Conflict, match="could not be loaded"):  # the load's error reaches the caller
+        engine.load(broken)
+    assert engine.loaded_adapters() == ["adp_b"]
+
+
+def copy_adapter_config_broken(spec: AdapterSpec, tmp_path: Path) -> Path:
+    import shutil
+
+    folder = tmp_path / "broken-copy"
+    shutil.copytree(spec.path, folder)
+    (folder / "adapter_config.json").write_text("{not json")
+    return folder
+
+
 def test_full_engine_answers_busy_instead_of_queueing(
     small_engine: tuple[InferenceEngine, dict[str, AdapterSpec]],
 ) -> None:
@@ -246,6 +274,7 @@ def test_model_is_released_while_a_training_job_runs(tmp_path: Path, models_dir:
             return queue.any_job_running(session)
 
     engine = create_engine(settings, training_probe=job_running)
+    assert isinstance(engine, InferenceEngine)  # the default: no vLLM server configured
     engine.start()
     try:
         _wait_for(lambda: not engine.is_ready())

@@ -17,6 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from app.config import Settings
+from app.exceptions import NotFound
 from app.ml.lora_layout import (
     GROUPED_BY_EXPERT,
     RANK_MAJOR,
@@ -194,3 +196,46 @@ def test_refuses_expert_lora_on_one_projection(tmp_path: Path) -> None:
     get_peft_model(_base(), config).save_pretrained(str(tmp_path / "one"))
     with pytest.raises(AdapterLayoutError, match="both mlp.experts.gate_up_proj and mlp.experts.down_proj"):
         check_servable(tmp_path / "one", max_lora_rank=16)
+
+
+def test_registration_normalizes_once_and_refuses_an_unknown_packing(
+    tmp_path: Path, settings: Settings
+) -> None:
+    """What the worker does when a job succeeds (registry.register_adapter -> adapter_folder): a
+    legacy Unsloth adapter is rewritten into PEFT's packing before its row exists, so every engine
+    serves it as trained; an adapter whose packing this project does not know gets no row."""
+    from app import adapter_folder
+    from app.db import make_engine, make_sessionmaker, upgrade_to_head
+    from app.registry import find_adapter, register_adapter
+
+    expected = _peft_adapter(tmp_path / "peft")
+    _write_unsloth_legacy(tmp_path / "peft", settings.adapters_dir / "adp_legacy")
+    manifest = {"base_model": "tiny-gpt-oss", "base_fingerprint": "f" * 64}
+    (settings.adapters_dir / "adp_legacy" / "manifest.json").write_text(json.dumps(manifest))
+    upgrade_to_head(settings)
+    with make_sessionmaker(make_engine(settings))() as session:
+        register_adapter(
+            session,
+            adapter_id="adp_legacy",
+            name="legacy",
+            folder=settings.adapters_dir / "adp_legacy",
+            job_id=None,
+        )
+        assert find_adapter(session, "legacy").manifest == manifest
+        check_servable(settings.adapters_dir / "adp_legacy", max_lora_rank=16)
+        torch.testing.assert_close(
+            _peft_logits(settings.adapters_dir / "adp_legacy"), expected, rtol=1e-5, atol=1e-5
+        )
+
+        odd = settings.adapters_dir / "adp_odd"
+        _write_unsloth_legacy(tmp_path / "peft", odd)
+        config = json.loads((odd / "adapter_config.json").read_text())
+        config["unsloth_fused_expert_lora"]["parameters"]["down_proj"]["lora_B_layout"] = "expert_major_v2"
+        (odd / "adapter_config.json").write_text(json.dumps(config))
+        (odd / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(
+            adapter_folder.UnreadableLayout, match="down_proj: unknown lora_B_layout 'expert_major_v2'"
+        ):
+            register_adapter(session, adapter_id="adp_odd", name="odd", folder=odd, job_id=None)
+        with pytest.raises(NotFound):
+            find_adapter(session, "odd")

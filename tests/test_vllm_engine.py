@@ -5,7 +5,8 @@ tests/test_gpu_vllm.py). The fake implements the slice of vLLM 0.26's server the
 vLLM's status codes and error bodies: /health, /v1/load_lora_adapter, /v1/unload_lora_adapter (both
 only under VLLM_ALLOW_RUNTIME_LORA_UPDATING there), /v1/completions streaming with
 ``return_token_ids`` (token-id deltas per chunk, ``data: [DONE]``), 404 "The model `x` does not
-exist." for an unknown adapter name, /sleep and /wake_up. It answers in harmony tokens, so the test
+exist." for an unknown adapter name, /v1/models (the base, and run-time adapters with the base as
+their parent), /sleep and /wake_up. It answers in harmony tokens, so the test
 also checks that reasoning and the final answer come out of our parser as with the in-process engine.
 """
 
@@ -27,9 +28,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from app.config import Settings
 from app.exceptions import Busy, Conflict, InvalidInput, ServiceError
+from app.inference.base import create_engine
 from app.inference.stream import Assembler, CollectingSink, TokenStream
 from app.inference.types import AdapterSpec, SamplingParams
-from app.inference.vllm_engine import VllmEngine, VllmOptions
+from app.inference.vllm_engine import VllmEngine
 from tests.fixtures_service import free_port
 
 BASE = "served-base"
@@ -68,6 +70,12 @@ class FakeVllm:
         @app.get("/health")
         async def health() -> Response:
             return Response(status_code=200)
+
+        @app.get("/v1/models")
+        async def models() -> dict[str, Any]:
+            base = {"id": BASE, "object": "model", "root": "/models/base", "parent": None}
+            loras = [{"id": n, "object": "model", "root": p, "parent": BASE} for n, p in self.loaded.items()]
+            return {"object": "list", "data": [base, *loras]}
 
         @app.post("/v1/load_lora_adapter")
         async def load(request: Request) -> Response:
@@ -152,10 +160,9 @@ def fake() -> Iterator[tuple[FakeVllm, str]]:
 
 
 def _engine(settings: Settings, url: str, **options: Any) -> VllmEngine:
-    engine = VllmEngine(
-        settings,
-        VllmOptions(url=url, served_model=BASE, base_fingerprint=FINGERPRINT, **options),
-    )
+    """The engine the settings pick (GPTOSS_VLLM_URL set, engine 'auto'), started."""
+    engine = create_engine(settings.model_copy(update={"vllm_url": url, **options}))
+    assert isinstance(engine, VllmEngine)
     engine.start()
     return engine
 
@@ -183,6 +190,7 @@ def test_base_generation_streams_token_ids_parsed_as_harmony(
     engine = _engine(settings, url)
     try:
         assert engine.is_ready()
+        assert engine.served_model == BASE  # the base /v1/models lists, as vllm_served_model was unset
         tokens = _run(engine, prompt=[200006, 17360, 200008, 3086])
         assert tokens == state.answer(BASE)[:-1]  # the stop token (<|return|>) is not handed on
         body = next(b for k, b in state.calls if k == "completions")
@@ -235,17 +243,19 @@ def test_adapter_loaded_on_first_use_then_reused(
         engine.close()
 
 
-def test_load_when_job_succeeds_and_path_mapping(
+def test_load_ahead_of_first_use_and_served_model_setting(
     settings: Settings, fake: tuple[FakeVllm, str], tmp_path: Path
 ) -> None:
     state, url = fake
-    engine = _engine(settings, url, adapter_path_map=(str(tmp_path / "adapters"), "/data/adapters"))
-    adapter = _adapter(tmp_path, "early")
+    engine = _engine(settings, url, vllm_served_model=BASE)
+    adapter = _tiny_adapter(settings, tmp_path, "early", rank=8)
     try:
         engine.load(adapter)
-        assert state.loaded == {adapter.id: "/data/adapters/early"}
+        assert state.loaded == {adapter.id: str(adapter.path)}
         _run(engine, adapter)
         assert state.count("load") == 1  # the first answer did not load it again
+        _run(engine)
+        assert [b["model"] for k, b in state.calls if k == "completions"] == [adapter.id, BASE]
     finally:
         engine.close()
 
@@ -269,7 +279,7 @@ def test_least_recently_used_adapter_unloaded_past_max_resident(
     settings: Settings, fake: tuple[FakeVllm, str], tmp_path: Path
 ) -> None:
     state, url = fake
-    engine = _engine(settings, url, max_resident=2)
+    engine = _engine(settings, url, vllm_max_cpu_loras=2)
     a, b, c = (_adapter(tmp_path, n) for n in ("a", "b", "c"))
     try:
         _run(engine, a)
@@ -329,7 +339,7 @@ def test_full_engine_refuses_with_busy(settings: Settings, fake: tuple[FakeVllm,
 
 def test_sleep_refuses_with_retry_after_until_woken(settings: Settings, fake: tuple[FakeVllm, str]) -> None:
     state, url = fake
-    engine = _engine(settings, url, sleep_level=1)
+    engine = _engine(settings, url)
     try:
         engine.sleep()
         assert state.asleep and ("sleep", {"level": "1"}) in state.calls
@@ -348,11 +358,10 @@ def test_training_probe_drives_sleep_and_wake(settings: Settings, fake: tuple[Fa
     state, url = fake
     training = threading.Event()
     release = {"release_gpu_during_training": True, "release_poll_s": 0.05, "release_cooldown_s": 0.2}
-    engine = VllmEngine(
-        settings.model_copy(update=release),
-        VllmOptions(url=url, served_model=BASE, base_fingerprint=FINGERPRINT),
-        training_probe=training.is_set,
+    engine = create_engine(
+        settings.model_copy(update={**release, "vllm_url": url}), training_probe=training.is_set
     )
+    assert isinstance(engine, VllmEngine)
     engine.start()
     try:
         training.set()
@@ -366,27 +375,46 @@ def test_training_probe_drives_sleep_and_wake(settings: Settings, fake: tuple[Fa
         engine.close()
 
 
-def test_check_adapter_refuses_rank_above_server_max(settings: Settings, tmp_path: Path) -> None:
+def _tiny_adapter(settings: Settings, tmp_path: Path, name: str, *, rank: int) -> AdapterSpec:
+    """A PEFT adapter on the tiny model's attention, saved as PEFT saves it, with our manifest."""
     from peft import LoraConfig, get_peft_model
     from transformers import GptOssForCausalLM
 
+    from app.ml.modeling import base_fingerprint
     from app.ml.tiny_model import tiny_config
 
-    folder = tmp_path / "adapters" / "big"
+    folder = tmp_path / "adapters" / name
     get_peft_model(
-        GptOssForCausalLM(tiny_config()), LoraConfig(r=32, target_modules=["q_proj"])
+        GptOssForCausalLM(tiny_config()), LoraConfig(r=rank, target_modules=["q_proj"])
     ).save_pretrained(str(folder))
-    (folder / "manifest.json").write_text(json.dumps({"base_fingerprint": FINGERPRINT, "base_model": "m"}))
-    engine = VllmEngine(
-        settings.model_copy(update={"base_model": "m"}),
-        VllmOptions(
-            url="http://127.0.0.1:9", served_model=BASE, base_fingerprint=FINGERPRINT, max_lora_rank=16
-        ),
+    fingerprint = base_fingerprint("tiny-gpt-oss", settings.models_path)
+    manifest = {"base_fingerprint": fingerprint, "base_model": "tiny-gpt-oss"}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return AdapterSpec(
+        id=f"ad_{name}", name=name, path=folder, fingerprint=fingerprint, base_model="tiny-gpt-oss"
     )
-    spec = AdapterSpec(id="ad_big", name="big", path=folder, fingerprint=FINGERPRINT, base_model="m")
+
+
+def test_check_adapter_refuses_rank_above_server_max(settings: Settings, tmp_path: Path) -> None:
+    engine = create_engine(
+        settings.model_copy(update={"vllm_url": "http://127.0.0.1:9", "vllm_max_lora_rank": 16})
+    )
+    assert engine.fingerprint == base_fingerprint_of(settings)  # from the base's config, no vLLM asked
+    engine.check_adapter(_tiny_adapter(settings, tmp_path, "small", rank=16))
     with pytest.raises(Conflict, match="rank 32 is above the server's max_lora_rank 16") as caught:
-        engine.check_adapter(spec)
+        engine.check_adapter(_tiny_adapter(settings, tmp_path, "big", rank=32))
     assert caught.value.status == 409 and isinstance(caught.value, ServiceError)
+
+
+def base_fingerprint_of(settings: Settings) -> str:
+    from app.inference.engine import InferenceEngine
+
+    engine = InferenceEngine(settings)  # the in-process engine's fingerprint: the loaded model's
+    engine.start()
+    try:
+        return engine.fingerprint
+    finally:
+        engine.close()
 
 
 def _wait(predicate: Any, timeout: float = 10) -> None:
@@ -394,3 +422,85 @@ def _wait(predicate: Any, timeout: float = 10) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def test_api_with_engine_vllm_end_to_end(
+    settings: Settings, fake: tuple[FakeVllm, str], tmp_path: Path
+) -> None:
+    """The whole app with GPTOSS_ENGINE=vllm: /generate and /v1/chat/completions go to the (fake) vLLM
+    as token ids, come back parsed by our harmony parser into reasoning vs answer, the request's
+    reasoning_effort is in the prompt vLLM gets, and a registered adapter is loaded there on its first
+    use (once)."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.ml.harmony import encoding
+    from app.registry import register_adapter
+
+    state, url = fake
+    state.max_model_len = 4096  # room for a whole harmony prompt (system header included)
+    api_settings = settings.model_copy(update={"engine": "vllm", "vllm_url": url})
+    spec = _tiny_adapter(api_settings, tmp_path / "made", "capitals", rank=8)
+    folder = api_settings.adapters_dir / spec.id
+    folder.parent.mkdir(parents=True)
+    spec.path.rename(folder)
+    with TestClient(create_app(api_settings)) as client:
+        app = client.app
+        assert isinstance(app.state.engine, VllmEngine)  # type: ignore[attr-defined]
+        with app.state.sessionmaker() as session:  # type: ignore[attr-defined]
+            register_adapter(session, adapter_id=spec.id, name="capitals", folder=folder, job_id=None)
+        assert client.get("/readyz").status_code == 200
+        assert state.count("load") == 0  # nothing loaded before its first request
+
+        ask = {"messages": [{"role": "user", "content": "Capital of France?"}], "max_new_tokens": 32}
+        reply = client.post("/generate", json={**ask, "adapter": "capitals", "reasoning_effort": "high"})
+        assert reply.status_code == 200, reply.text
+        data = reply.json()
+        assert (data["reasoning"], data["content"]) == (f"thinking as {spec.id}", f"answer of {spec.id}")
+        assert (data["adapter"], data["model"], data["finish_reason"]) == ("capitals", "tiny-gpt-oss", "stop")
+        assert state.loaded == {spec.id: str(folder.resolve())} and state.count("load") == 1
+        sent = next(b for k, b in state.calls if k == "completions")
+        assert "Reasoning: high" in encoding().decode(sent["prompt"])
+
+        chat = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "tiny-gpt-oss",
+                "messages": ask["messages"],
+                "max_tokens": 32,
+                "reasoning_effort": "low",
+            },
+        )
+        assert chat.status_code == 200, chat.text
+        message = chat.json()["choices"][0]["message"]
+        assert (message["reasoning_content"], message["content"]) == (
+            f"thinking as {BASE}",
+            f"answer of {BASE}",
+        )
+        assert chat.json()["choices"][0]["finish_reason"] == "stop"
+        last = [b for k, b in state.calls if k == "completions"][-1]
+        assert last["model"] == BASE and "Reasoning: low" in encoding().decode(last["prompt"])
+
+        again = client.post(
+            "/v1/chat/completions", json={"model": "capitals", "messages": ask["messages"], "max_tokens": 32}
+        )
+        assert again.json()["choices"][0]["message"]["content"] == f"answer of {spec.id}"
+        assert state.count("load") == 1  # loaded once, reused
+        metrics = client.get("/metrics").text
+        assert "gptoss_loaded_adapters 1.0" in metrics
+
+
+def test_the_engine_setting_picks_the_implementation(settings: Settings) -> None:
+    from pydantic import ValidationError
+
+    from app.inference.engine import InferenceEngine
+
+    assert isinstance(create_engine(settings), InferenceEngine)  # no vLLM server: in-process
+    url = "http://vllm:8000"
+    assert isinstance(create_engine(settings.model_copy(update={"vllm_url": url})), VllmEngine)  # auto
+    inprocess = settings.model_copy(update={"vllm_url": url, "engine": "inprocess"})
+    assert isinstance(create_engine(inprocess), InferenceEngine)
+    with pytest.raises(ValidationError, match="engine 'vllm' needs vllm_url"):
+        Settings(engine="vllm", data_dir=settings.data_dir)
+    # In front of vLLM the API needs no GPU of its own, and 'auto' still means the real base model.
+    assert Settings(base_model="auto", vllm_url=url).resolved_base_model() == "unsloth/gpt-oss-20b"

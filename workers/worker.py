@@ -279,7 +279,7 @@ class Worker:
                 job_id=job.id,
                 api_key_id=job.api_key_id,  # the adapter belongs to whoever owns its job
             )
-        except (ServiceError, FileNotFoundError) as err:
+        except (ServiceError, adapter_folder.AdapterFolderError, FileNotFoundError) as err:
             # No row points at the folder, and a retry would only fail the same way: do not leave
             # an unregistered adapter on disk (the folder is this job's own, adp_<job id tail>).
             session.rollback()

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from app import keys
 from app.config import Settings
 from app.exceptions import Forbidden, Unauthorized
-from app.inference.engine import InferenceEngine
+from app.inference.base import Engine
 from app.inference.types import AdapterSpec
 from app.models import ApiKey
 from app.registry import find_adapter
@@ -107,7 +107,7 @@ AdminKey = Annotated[ApiKey | None, Depends(require_scope("admin"))]
 
 
 def resolve_adapter(
-    session: Session, engine: InferenceEngine, ref: str | None, *, owner: str | None = None
+    session: Session, engine: Engine, ref: str | None, *, owner: str | None = None
 ) -> AdapterSpec | None:
     """The registry row for `ref` (id or name) as the engine's AdapterSpec: NotFound 404, or Conflict
     409 when it is for another base than the engine's."""

@@ -23,6 +23,7 @@ from starlette.responses import Response
 
 from app import queue
 from app.api.paths import METRICS
+from app.inference.base import Engine
 from app.models import JOB_STATUSES
 
 log = logging.getLogger("gptoss")
@@ -138,25 +139,16 @@ class RuntimeCollector(Collector):
         self.app = app
 
     def collect(self) -> Iterable[Metric]:
-        engine = getattr(self.app.state, "engine", None)
-        loaded = _loaded_adapter_count(engine)
-        if loaded is not None:
+        engine: Engine | None = getattr(self.app.state, "engine", None)
+        if engine is not None:
+            loaded = len(engine.loaded_adapters())
             yield GaugeMetricFamily("gptoss_loaded_adapters", "LoRA adapters loaded in memory.", value=loaded)
-        in_flight = getattr(engine, "in_flight", None)
-        if callable(in_flight):
             yield GaugeMetricFamily(
-                "gptoss_generations_in_flight", "Generation requests queued or running.", value=in_flight()
+                "gptoss_generations_in_flight",
+                "Generation requests queued or running.",
+                value=engine.in_flight(),
             )
         yield from _gpu_memory()
-
-
-def _loaded_adapter_count(engine: Any) -> int | None:
-    if engine is None:
-        return None
-    loaded = getattr(engine, "loaded_adapters", None)
-    if callable(loaded):
-        loaded = loaded()
-    return len(loaded) if loaded is not None else None
 
 
 def _gpu_memory() -> Iterator[Metric]:

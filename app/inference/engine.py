@@ -22,7 +22,7 @@ from app.config import Settings
 from app.exceptions import Busy, ServiceError
 from app.inference.adapters import AdapterCache, _free_memory, check_adapter_files
 from app.inference.decoding import Row, decode_batch
-from app.inference.gpu_release import GpuReleasePolicy, TrainingProbe
+from app.inference.gpu_release import GpuReleasePolicy
 from app.inference.types import AdapterSpec, SamplingParams, TokenSink
 
 log = logging.getLogger(__name__)
@@ -73,10 +73,11 @@ class _TrackedSink:
 
 @dataclass
 class _Command:
-    """Work that must run on the engine thread between batches (an unload)."""
+    """Work that must run on the engine thread between batches (a load, an unload)."""
 
     run: Callable[[], None]
     done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
 
 
 class InferenceEngine:
@@ -167,17 +168,31 @@ class InferenceEngine:
         with self._cond:
             self._in_flight -= 1
 
+    def load(self, adapter: AdapterSpec) -> None:
+        """Load an adapter into the cache now (the base first, if not loaded), so its first request
+        does not wait for it. Raises what the check or the load raised."""
+        self.start()
+        self.check_adapter(adapter)
+        self._between_batches(lambda: self._load_now(adapter))
+
     def unload(self, adapter_id: str) -> None:
         """Drop an adapter from the cache (idempotent). Waits for the batch in progress, never cuts it."""
+        self._between_batches(lambda: self._unload_now(adapter_id))
+
+    def _between_batches(self, run: Callable[[], None]) -> None:
+        """Run `run` on the engine thread between two batches (here when no engine thread runs)."""
         thread = self._thread
         if thread is None or not thread.is_alive() or threading.current_thread() is thread:
-            self._unload_now(adapter_id)
+            run()
             return
-        command = _Command(lambda: self._unload_now(adapter_id))
+        command = _Command(run)
         with self._cond:
             self._commands.append(command)
             self._cond.notify_all()
-        command.done.wait(timeout=300)
+        if not command.done.wait(timeout=300):
+            raise Busy("the engine did not get to the adapter in 300 s; retry", retry_after=5)
+        if command.error is not None:
+            raise command.error
 
     def loaded_adapters(self) -> list[str]:
         return list(self._cache.loaded) if self._cache else []
@@ -259,10 +274,15 @@ class InferenceEngine:
     def _run_command(self, command: _Command) -> None:
         try:
             command.run()
-        except Exception:
-            log.exception("engine command failed")
+        except Exception as exc:  # handed to the caller waiting for it
+            command.error = exc
         finally:
             command.done.set()
+
+    def _load_now(self, adapter: AdapterSpec) -> None:
+        if self._cache is None:
+            raise self._busy_training() if self._released else Busy("the model is not loaded", retry_after=5)
+        self._cache.ensure(adapter)
 
     def _unload_now(self, adapter_id: str) -> None:
         if self._cache is not None:
@@ -407,15 +427,3 @@ class InferenceEngine:
     def _fail(batch: list[_Pending], error: BaseException) -> None:
         for item in batch:
             item.row.sink.fail(error)
-
-
-def create_engine(settings: Settings, *, training_probe: TrainingProbe | None = None) -> InferenceEngine:
-    """The engine for this process; it loads nothing until start() (or the first request). With
-    `release_gpu_during_training`, `training_probe` (True while a job runs) decides when it gives
-    the GPU back."""
-    release = None
-    if settings.release_gpu_during_training and training_probe is not None:
-        release = GpuReleasePolicy(
-            training_probe, poll_s=settings.release_poll_s, cooldown_s=settings.release_cooldown_s
-        )
-    return InferenceEngine(settings, gpu_release=release)

@@ -11,7 +11,7 @@ from typing import Any
 
 from app.config import Settings
 from app.exceptions import InvalidInput
-from app.inference.engine import InferenceEngine
+from app.inference.base import Engine
 from app.inference.schemas import DEFAULT_MAX_NEW_TOKENS
 from app.inference.stream import Assembler, Completion, TokenStream
 from app.inference.types import AdapterSpec, SamplingParams
@@ -29,7 +29,7 @@ class Prepared:
     stop: list[str]
 
 
-async def ready_engine(engine: InferenceEngine) -> InferenceEngine:
+async def ready_engine(engine: Engine) -> Engine:
     """The engine, loading the base on first use when it was not loaded at start."""
     if not engine.is_ready():
         await asyncio.to_thread(engine.start)
@@ -67,9 +67,7 @@ def render(
     return ids
 
 
-def start(
-    engine: InferenceEngine, prepared: Prepared, observe: GenerationObserver | None = None
-) -> Assembler:
+def start(engine: Engine, prepared: Prepared, observe: GenerationObserver | None = None) -> Assembler:
     """Queue the request (Busy 503 when the engine is full) and return its assembler; `observe` hears
     of the generation when it ends."""
     stream = TokenStream()

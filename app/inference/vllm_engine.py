@@ -12,10 +12,15 @@ succeeds (``load``); at most ``max_resident`` stay registered, the least recentl
 requests in flight is unloaded to make room. A vLLM restart forgets every adapter: its 404 for a
 model name we believe loaded triggers one reload and one retry.
 
-One GPU shared with training: with ``release_gpu_during_training`` a probe of the job table puts vLLM
-to sleep (``/sleep``, weights offloaded, KV cache freed; the server needs ``--enable-sleep-mode`` and
-``VLLM_SERVER_DEV_MODE=1``) while a job runs, answering 503 + Retry-After meanwhile, and wakes it once
-no job has run for ``release_cooldown_s``.
+One GPU shared with training: with ``release_gpu_during_training`` the GpuReleasePolicy (a probe of
+the job table) puts vLLM to sleep (``/sleep?level=1``: weights offloaded to CPU memory, KV cache freed;
+the server needs ``--enable-sleep-mode`` and ``VLLM_SERVER_DEV_MODE=1``) while a job runs, answering
+503 + Retry-After meanwhile, and wakes it once no job has run for ``release_cooldown_s``.
+
+Settings: ``vllm_url``, ``vllm_served_model`` (else the base that vLLM's /v1/models lists),
+``vllm_max_lora_rank``, ``vllm_max_cpu_loras``, ``vllm_api_key``, ``vllm_timeout_s``,
+``vllm_connect_timeout_s``. The base's fingerprint, which adapters are checked against, comes from the
+base model's config (``base_model``), as the in-process engine's comes from the loaded model's.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -34,28 +39,14 @@ import httpx
 
 from app.config import Settings
 from app.exceptions import Busy, Conflict, InvalidInput, NotFound, ServiceError
+from app.inference.gpu_release import GpuReleasePolicy
 from app.inference.types import AdapterSpec, SamplingParams, TokenSink
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-TrainingProbe = Callable[[], bool]
-
-
-@dataclass(frozen=True)
-class VllmOptions:
-    """How to reach and use the vLLM server (settings GPTOSS_VLLM_*)."""
-
-    url: str  # e.g. http://vllm:8000
-    served_model: str  # vLLM's --served-model-name (the base); adapters are named by registry id
-    max_resident: int = 8  # adapters kept registered in vLLM (its --max-cpu-loras)
-    max_lora_rank: int = 16  # the server's --max-lora-rank: higher-rank adapters are refused up front
-    api_key: str | None = None  # vLLM's --api-key, if set
-    adapter_path_map: tuple[str, str] | None = None  # (our prefix, vLLM's prefix) when mounts differ
-    request_timeout_s: float = 600.0
-    connect_timeout_s: float = 5.0
-    base_fingerprint: str | None = None  # the served base's config fingerprint, for the adapter check
-    sleep_level: int = 1
+# Level 1 keeps the weights in CPU memory, so waking is a copy back (seconds), not a reload from disk.
+SLEEP_LEVEL = 1
 
 
 class _NotLoaded(Exception):
@@ -78,20 +69,23 @@ class _Request:
 
 
 class VllmEngine:
-    """Same surface as InferenceEngine: start/close/is_ready/check_adapter/submit/unload/in_flight."""
+    """The engine seam (app.inference.base.Engine) over a vLLM OpenAI-compatible server."""
 
     def __init__(
         self,
         settings: Settings,
-        options: VllmOptions,
         *,
-        training_probe: TrainingProbe | None = None,
+        gpu_release: GpuReleasePolicy | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        if not settings.vllm_url:
+            raise ValueError("VllmEngine needs settings.vllm_url (GPTOSS_VLLM_URL)")
         self.settings = settings
-        self.options = options
+        self.url = settings.vllm_url.rstrip("/")
         self.base_model_id = settings.resolved_base_model()
-        self._probe = training_probe
+        self.served_model = settings.vllm_served_model  # None: asked of vLLM once it answers
+        self._fingerprint: str | None = None
+        self._gpu_release = gpu_release
         self._transport = transport  # tests hand in a transport; production uses the network
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -101,9 +95,9 @@ class VllmEngine:
         self._in_flight = 0
         self._resident: OrderedDict[str, _Resident] = OrderedDict()  # least recently used first
         self._load_locks: dict[str, asyncio.Lock] = {}
+        self._servable: dict[str, tuple[str, float]] = {}  # adapter id -> (path, weights mtime) checked
         self._asleep = False
         self._closing = False
-        self._idle_since: float | None = None
         self._healthy_until = 0.0
         self.stats: dict[str, float] = {
             "requests": 0,
@@ -133,6 +127,10 @@ class VllmEngine:
             self._thread.start()
             started.wait(10)
         self._call(self._refresh_health())
+        try:
+            self._base_fingerprint()  # read now rather than on the first request
+        except Busy as exc:
+            log.warning(str(exc))
 
     def close(self) -> None:
         self._closing = True
@@ -151,13 +149,26 @@ class VllmEngine:
             return False
         if time.monotonic() < self._healthy_until:
             return True
-        return bool(self._call(self._refresh_health(), timeout=self.options.connect_timeout_s + 1))
+        return bool(self._call(self._refresh_health(), timeout=self.settings.vllm_connect_timeout_s + 1))
 
     @property
     def fingerprint(self) -> str:
-        if self.options.base_fingerprint is None:
-            raise Busy("the served base model's fingerprint is not known yet; retry shortly", retry_after=5)
-        return self.options.base_fingerprint
+        return self._base_fingerprint()
+
+    def _base_fingerprint(self) -> str:
+        """From the base model's config (a local folder, or the hub's cache), read once."""
+        if self._fingerprint is None:
+            from app.ml.modeling import base_fingerprint
+
+            try:
+                self._fingerprint = base_fingerprint(self.base_model_id, self.settings.models_path)
+            except Exception as exc:  # offline without the config cached, a typo in base_model
+                raise Busy(
+                    f"cannot read the config of the base model '{self.base_model_id}' to check adapters "
+                    f"against it ({type(exc).__name__}: {exc}); retry shortly",
+                    retry_after=5,
+                ) from exc
+        return self._fingerprint
 
     # --- requests --------------------------------------------------------------------------------
 
@@ -168,10 +179,23 @@ class VllmEngine:
         from app.ml.lora_layout import AdapterLayoutError, check_servable
 
         check_adapter_files(adapter, self.fingerprint, self.base_model_id)
+        seen = self._weights_stamp(adapter)
+        if self._servable.get(adapter.id) == seen:  # read the weights once, not on every request
+            return
         try:
-            check_servable(adapter.path, max_lora_rank=self.options.max_lora_rank)
+            check_servable(adapter.path, max_lora_rank=self.settings.vllm_max_lora_rank)
         except AdapterLayoutError as exc:
             raise Conflict(f"adapter '{adapter.name}': {exc}", field="adapter") from exc
+        self._servable[adapter.id] = seen
+
+    @staticmethod
+    def _weights_stamp(adapter: AdapterSpec) -> tuple[str, float]:
+        from app.ml.lora_layout import WEIGHTS_FILE
+
+        try:
+            return str(adapter.path), (adapter.path / WEIGHTS_FILE).stat().st_mtime
+        except OSError:
+            return str(adapter.path), -1.0
 
     def submit(
         self,
@@ -203,8 +227,9 @@ class VllmEngine:
             return self._in_flight
 
     def load(self, adapter: AdapterSpec) -> None:
-        """Register the adapter with vLLM now (a job has just succeeded), so its first answer does not
-        pay for the load. Raises what the load raised."""
+        """Register the adapter with vLLM now, so its first answer does not pay for the load (about
+        0.5 s for a rank-16 gpt-oss-20b adapter). Raises what the check or the load raised."""
+        self.check_adapter(adapter)
         self._call(self._ensure_loaded(adapter, pin=False))
 
     def unload(self, adapter_id: str) -> None:
@@ -230,17 +255,18 @@ class VllmEngine:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         self._loop = loop
-        headers = {"Authorization": f"Bearer {self.options.api_key}"} if self.options.api_key else {}
-        timeout = httpx.Timeout(self.options.request_timeout_s, connect=self.options.connect_timeout_s)
+        key = self.settings.vllm_api_key
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        timeout = httpx.Timeout(self.settings.vllm_timeout_s, connect=self.settings.vllm_connect_timeout_s)
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
         self._client = httpx.AsyncClient(
-            base_url=self.options.url.rstrip("/"),
+            base_url=self.url,
             headers=headers,
             timeout=timeout,
             limits=limits,
             transport=self._transport,
         )
-        if self._probe is not None and self.settings.release_gpu_during_training:
+        if self._gpu_release is not None:
             loop.create_task(self._watch_training())
         started.set()
         try:
@@ -283,7 +309,7 @@ class VllmEngine:
         self.stats["requests"] += 1
         adapter = request.adapter
         if adapter is None:
-            await self._stream(request, self.options.served_model)
+            await self._stream(request, await self._base_name())
             return
         await self._ensure_loaded(adapter, pin=True)
         try:
@@ -323,7 +349,7 @@ class VllmEngine:
                     if choice.get("finish_reason"):
                         reason = _finish_reason(choice["finish_reason"], reason)
         except httpx.TransportError as exc:
-            raise _unreachable(self.options.url, exc) from exc
+            raise _unreachable(self.url, exc) from exc
         self.stats["tokens"] += received
         request.sink.finish(reason, received)
 
@@ -348,12 +374,13 @@ class VllmEngine:
         log.info("adapter loaded in vLLM", extra={"adapter_id": adapter.id, "s": self.stats["last_load_s"]})
 
     async def _post_load(self, adapter: AdapterSpec) -> None:
-        body = {"lora_name": adapter.id, "lora_path": self._vllm_path(adapter)}
+        # vLLM reads the folder itself: it mounts the data volume at the same path (docker-compose.yml).
+        body = {"lora_name": adapter.id, "lora_path": str(adapter.path)}
         assert self._client is not None
         try:
             response = await self._client.post("/v1/load_lora_adapter", json=body)
         except httpx.TransportError as exc:
-            raise _unreachable(self.options.url, exc) from exc
+            raise _unreachable(self.url, exc) from exc
         if response.status_code == 200:
             return
         message = _error_message(response)
@@ -372,12 +399,12 @@ class VllmEngine:
     async def _make_room(self) -> None:
         while True:
             with self._lock:
-                if len(self._resident) < self.options.max_resident:
+                if len(self._resident) < self.settings.vllm_max_cpu_loras:
                     return
                 victim = next((k for k, v in self._resident.items() if v.in_flight == 0), None)
             if victim is None:
                 log.warning(
-                    "every adapter registered in vLLM has requests running; growing past max_resident"
+                    "every adapter registered in vLLM has requests running; growing past vllm_max_cpu_loras"
                 )
                 return
             await self._unload(victim)
@@ -388,7 +415,7 @@ class VllmEngine:
         try:
             response = await self._client.post("/v1/unload_lora_adapter", json={"lora_name": adapter_id})
         except httpx.TransportError as exc:
-            raise _unreachable(self.options.url, exc) from exc
+            raise _unreachable(self.url, exc) from exc
         if response.status_code not in (200, 404):  # 404: not loaded there, which is what we wanted
             raise ServiceError(f"vLLM could not unload adapter {adapter_id}: {_error_message(response)}")
         self.stats["unloads"] += 1
@@ -403,36 +430,57 @@ class VllmEngine:
             if entry is not None and entry.in_flight > 0:
                 entry.in_flight -= 1
 
-    def _vllm_path(self, adapter: AdapterSpec) -> str:
-        path = str(adapter.path)
-        mapping = self.options.adapter_path_map
-        if mapping and path.startswith(mapping[0]):
-            return mapping[1] + path[len(mapping[0]) :]
-        return path
-
     async def _refresh_health(self) -> bool:
         assert self._client is not None
         try:
-            response = await self._client.get("/health", timeout=self.options.connect_timeout_s)
-        except httpx.TransportError:
-            return False
-        ok = response.status_code == 200
+            response = await self._client.get("/health", timeout=self.settings.vllm_connect_timeout_s)
+            ok = response.status_code == 200 and bool(await self._base_name())
+        except (httpx.TransportError, ServiceError):
+            ok = False
         self._healthy_until = time.monotonic() + 2.0 if ok else 0.0
         return ok
+
+    async def _base_name(self) -> str:
+        """vLLM's name for the base: the setting, else the model /v1/models lists without a parent
+        (run-time LoRA adapters are listed with the base as their parent)."""
+        if self.served_model:
+            return self.served_model
+        assert self._client is not None
+        try:
+            response = await self._client.get("/v1/models")
+        except httpx.TransportError as exc:
+            raise _unreachable(self.url, exc) from exc
+        if response.status_code != 200:
+            raise ServiceError(f"vLLM /v1/models failed: {_error_message(response)}")
+        bases = [m["id"] for m in response.json().get("data", []) if not m.get("parent")]
+        if len(bases) != 1:
+            raise ServiceError(
+                f"vLLM serves {len(bases)} base models ({bases}); set vllm_served_model to the one to use"
+            )
+        self.served_model = bases[0]
+        return self.served_model
 
     # --- sleeping while a job trains --------------------------------------------------------------
 
     async def _sleep(self) -> None:
         with self._lock:
-            self._asleep = True
+            self._asleep = True  # refuse new requests from now on
+        await self._drain()
         assert self._client is not None
-        response = await self._client.post("/sleep", params={"level": str(self.options.sleep_level)})
+        response = await self._client.post("/sleep", params={"level": str(SLEEP_LEVEL)})
         if response.status_code != 200:
             raise ServiceError(
-                f"vLLM /sleep failed: {_error_message(response)} (is --enable-sleep-mode set?)"
+                f"vLLM /sleep failed: {_error_message(response)} "
+                "(does the server run with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1?)"
             )
         self.stats["sleeps"] += 1
         log.info("training job running: vLLM put to sleep")
+
+    async def _drain(self, timeout_s: float = 60.0) -> None:
+        """Let the generations already running finish before vLLM frees its memory under them."""
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     async def _wake(self) -> None:
         assert self._client is not None
@@ -445,27 +493,19 @@ class VllmEngine:
         log.info("no training job running: vLLM woken up")
 
     async def _watch_training(self) -> None:
-        assert self._probe is not None
+        """Ask the GpuReleasePolicy every poll (its probe reads the job table: off this loop)."""
+        policy = self._gpu_release
+        assert policy is not None
         while not self._closing:
-            await asyncio.sleep(self.settings.release_poll_s)
+            await asyncio.sleep(policy.poll_s)
             try:
-                training = await asyncio.to_thread(self._probe)
-                await self._follow_training(training)
-            except Exception:  # a database or vLLM hiccup: look again next time
+                action = await asyncio.to_thread(policy.decide, released=self._asleep)
+                if action == "release":
+                    await self._sleep()
+                elif action == "reload":
+                    await self._wake()
+            except Exception:  # vLLM hiccup: the policy asks again at the next poll
                 log.exception("could not follow the training state")
-
-    async def _follow_training(self, training: bool) -> None:
-        if training:
-            self._idle_since = None
-            if not self._asleep:
-                await self._sleep()
-            return
-        if not self._asleep:
-            return
-        now = time.monotonic()
-        self._idle_since = self._idle_since or now
-        if now - self._idle_since >= self.settings.release_cooldown_s:
-            await self._wake()
 
     def _busy_training(self) -> Busy:
         return Busy(

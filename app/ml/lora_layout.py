@@ -25,6 +25,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,7 @@ def _expert_parameter(name: str) -> str | None:
     return tail if tail in EXPERT_PARAMETERS else None
 
 
-def expert_pairs(tensors: dict[str, torch.Tensor]) -> dict[str, ExpertPair]:
+def expert_pairs(tensors: Mapping[str, Any]) -> dict[str, ExpertPair]:
     """Per layer prefix (``...mlp.experts``), the gate_up and down keys, told apart by shape rather than
     trusted from the nesting: gate_up's B has twice as many rows as down's A has columns (2 x
     intermediate), and its A as many columns as down's B has rows (hidden)."""
@@ -132,7 +133,7 @@ def expert_pairs(tensors: dict[str, torch.Tensor]) -> dict[str, ExpertPair]:
     return pairs
 
 
-def _is_gate_up(tensors: dict[str, torch.Tensor], cand: tuple[str, str], other: tuple[str, str]) -> bool:
+def _is_gate_up(tensors: Mapping[str, Any], cand: tuple[str, str], other: tuple[str, str]) -> bool:
     a, b = tensors[cand[0]], tensors[cand[1]]
     other_a, other_b = tensors[other[0]], tensors[other[1]]
     return b.shape[0] == 2 * other_a.shape[1] and a.shape[1] == other_b.shape[0]
@@ -161,6 +162,13 @@ def _num_experts(config: dict[str, Any], tensors: dict[str, torch.Tensor], pair:
     if rank <= 0 or total % rank:
         raise AdapterLayoutError(f"cannot tell the number of experts: lora_A has {total} rows, r is {rank}")
     return total // rank
+
+
+def has_expert_lora(config: dict[str, Any]) -> bool:
+    """LoRA on the fused experts (``target_parameters``), or Unsloth's record of it: what
+    ``normalize_adapter`` may have to rewrite. Attention-only adapters are served as saved."""
+    params = _as_list(config.get("target_parameters"))
+    return bool(config.get(DETAIL_KEY)) or any(_expert_parameter(p) for p in params)
 
 
 def normalize_adapter(folder: Path) -> bool:
@@ -240,7 +248,7 @@ def check_servable(folder: Path, *, max_lora_rank: int) -> None:
     weights_path = folder / WEIGHTS_FILE
     if not weights_path.is_file():
         raise AdapterLayoutError(f"{weights_path} is missing (vLLM reads safetensors adapters)")
-    tensors = load_file(str(weights_path))
+    tensors = _shapes(weights_path)  # the header only: this runs on an adapter's first request
     problems += _key_problems(tensors)
     if not problems:
         for prefix, pair in expert_pairs(tensors).items():
@@ -284,7 +292,20 @@ def _as_list(value: Any) -> list[str]:
     return [str(v) for v in value]
 
 
-def _key_problems(tensors: dict[str, torch.Tensor]) -> list[str]:
+@dataclass(frozen=True)
+class _Shaped:
+    shape: tuple[int, ...]
+
+
+def _shapes(path: Path) -> dict[str, _Shaped]:
+    """Each tensor's shape from the safetensors header, without reading the weights."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: _Shaped(tuple(handle.get_slice(key).get_shape())) for key in handle.keys()}  # noqa: SIM118
+
+
+def _key_problems(tensors: Mapping[str, Any]) -> list[str]:
     odd = []
     for key in tensors:
         match = _KEY.match(key)

@@ -70,6 +70,14 @@ def config_fingerprint(config: Any) -> str:
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
 
 
+def base_fingerprint(model_id: str, models_dir: Path) -> str:
+    """The fingerprint of a base model from its config alone (for an engine that loads no weights
+    here); the same as `config_fingerprint(model.config)` of the loaded model."""
+    from transformers import AutoConfig
+
+    return config_fingerprint(AutoConfig.from_pretrained(resolve_model_path(model_id, models_dir)))
+
+
 def cuda_available() -> bool:
     import torch
 

@@ -3,8 +3,9 @@
 # (back to back); this one carries the project, copied with a small site of its needs, in .gpuproj:
 #   cd .gpuproj && GIT_REV=<rev> bash bench/device/call_vllm.sh
 # Two vLLM servers side by side: a peaked 2-layer bf16 model (--enforce-eager, 25% of the GPU) for the
-# golden tests, and the random 20B in MXFP4 (55%) with our API (vLLM engine) beside it for
-# bench/vllm_bench.py. Results in $OUT.
+# golden tests, run while the random 20B in MXFP4 (55%) starts; then the golden server is stopped and
+# our API (uvicorn app.main:app_from_env with GPTOSS_ENGINE=vllm) is benchmarked beside vLLM direct
+# (bench/vllm_bench.py). Results in $OUT.
 set -uo pipefail
 bash vllm-install.sh || exit 1
 mkdir -p /tmp/psite && tar xzf site.tgz -C /tmp/psite
@@ -34,15 +35,16 @@ GPTOSS_TEST_VLLM_URL=http://127.0.0.1:8101 GPTOSS_TEST_VLLM_MODEL=$M/peaked GPTO
   timeout 150 python3 -m pytest -p no:cacheprovider --noconftest -m gpu -v -s -rA tests/test_gpu_vllm.py > $RUN/gpu-tests.txt 2>&1
 log "golden tests rc=$?"
 export GPTOSS_BASE_MODEL=$M/mx20b GPTOSS_DATA_DIR=/tmp/apidata GPTOSS_AUTH=none GPTOSS_VLLM_URL=http://127.0.0.1:8001
-export GPTOSS_MAX_CONCURRENT_GENERATIONS=256 GPTOSS_RATE_LIMIT_PER_MINUTE=0 GPTOSS_VLLM_MAX_RESIDENT=8
-for i in 0 1 2 3 4 5; do python3 bench/vllm_api.py register --id ad_a$i --name a$i --folder $M/ad/a$i >> $RUN/register.log 2>&1; done
-log "registered rc=$?"
+export GPTOSS_MAX_CONCURRENT_GENERATIONS=256 GPTOSS_RATE_LIMIT_PER_MINUTE=0 GPTOSS_VLLM_MAX_CPU_LORAS=8
+for i in 0 1 2 3; do python3 bench/vllm_api.py register --id ad_a$i --name a$i --folder $M/ad/a$i >> $RUN/register.log 2>&1; done
+log "registered rc=$?"  # ad_a4 and ad_a5 are registered by the bench (success-to-answer)
 wait_up 8001 150; log "20b vllm up rc=$?"
+kill $(cat /tmp/vllm-8101.pid) 2>/dev/null; sleep 3  # the golden server: done, and out of the way
 nvidia-smi --query-gpu=memory.used --format=csv >> $RUN/nvidia-smi.csv
-(setsid python3 -m uvicorn --factory bench.vllm_api:create_app_with_vllm --port 8000 --log-level warning > $RUN/api.log 2>&1 &)
+(GPTOSS_ENGINE=vllm setsid python3 -m uvicorn --factory app.main:app_from_env --port 8000 --log-level warning > $RUN/api.log 2>&1 &)
 for i in 0 1 2 3; do curl -s -XPOST http://127.0.0.1:8001/v1/load_lora_adapter -H 'content-type: application/json' \
   -d "{\"lora_name\":\"ad_a$i\",\"lora_path\":\"$M/ad/a$i\"}" >> $RUN/register.log; done
-wait_up 8000 30 /healthz; log "api up rc=$?"
+wait_up 8000 30 /readyz; log "api up (ready: vLLM reached) rc=$?"
 timeout $((${DEADLINE:-440} - SECONDS)) python3 bench/vllm_bench.py --vllm-url http://127.0.0.1:8001 --api-url http://127.0.0.1:8000 \
   --adapters ad_a0,ad_a1,ad_a2,ad_a3 --fresh ad_a4=$M/ad/a4,ad_a5=$M/ad/a5 --label "mxfp4 20b random, rank 16" \
   --out $RUN/vllm_bench.json > $RUN/bench.log 2>&1

@@ -24,7 +24,7 @@ from app.api.deps import GenerateKey, SessionDep, SettingsDep, generate_scope, o
 from app.api.metrics import observe_generation
 from app.exceptions import InvalidInput, NotFound, ServiceError
 from app.inference import service
-from app.inference.engine import InferenceEngine
+from app.inference.base import Engine
 from app.inference.schemas import ChatCompletionRequest, OpenAIMessage
 from app.inference.stream import Assembler, Completion
 from app.inference.types import AdapterSpec, SamplingParams
@@ -142,9 +142,7 @@ async def chat_completions(
     return _completion_body(assembler.completion, meta)
 
 
-def _adapter_for_model(
-    session: Session, engine: InferenceEngine, model: str, owner: str | None
-) -> AdapterSpec | None:
+def _adapter_for_model(session: Session, engine: Engine, model: str, owner: str | None) -> AdapterSpec | None:
     if model == engine.base_model_id:
         return None
     try:
