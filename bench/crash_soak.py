@@ -37,6 +37,7 @@ from typing import Any
 import httpx
 
 from bench.common import run_header, write_json
+from bench.common import service_env as common_service_env
 from bench.gpu_e2e import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,27 +66,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def service_env(args: argparse.Namespace, data_dir: Path, port: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        GPTOSS_DATA_DIR=str(data_dir),
-        GPTOSS_MODELS_DIR=str(args.models_dir.resolve()),
-        GPTOSS_BASE_MODEL=args.model,
+    return common_service_env(
+        data_dir,
+        args.models_dir,
+        args.model,
+        port,
+        extra=args.env,
         GPTOSS_BACKEND="hf",
-        GPTOSS_AUTH="none",
-        GPTOSS_PORT=str(port),
-        GPTOSS_LOG_JSON="false",
         GPTOSS_WORKER_POLL_S="0.2",
         GPTOSS_HEARTBEAT_S="0.5",
         GPTOSS_LEASE_S=str(args.lease_s),
-        GPTOSS_RATE_LIMIT_PER_MINUTE="0",
         GPTOSS_LOAD_MODEL_ON_START="false",
-        PYTHONUNBUFFERED="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     )
-    for item in args.env:
-        name, _, value = item.partition("=")
-        env[name] = value
-    return env
 
 
 class Processes:
