@@ -78,6 +78,31 @@ class Settings(BaseSettings):
     max_concurrent_generations: int = Field(64, ge=1, description="Queued+running generations before 503.")
     max_batch_size: int = Field(16, ge=1, description="Most rows the engine decodes together.")
     rate_limit_per_minute: int = Field(600, ge=0, description="Requests per API key per minute; 0 = off.")
+    api_threads: int = Field(
+        40,
+        ge=1,
+        le=1000,
+        description="Threads that run the API's blocking route code; each holds at most one database "
+        "connection, and the SQLite connection pool is sized to match.",
+    )
+    max_requests_in_flight: int = Field(
+        64,
+        ge=1,
+        description="Requests the API works on at once (probes and /metrics aside); more wait up to "
+        "request_queue_s for a turn, then get 503 + Retry-After.",
+    )
+    max_requests_in_flight_per_client: int = Field(
+        16,
+        ge=1,
+        description="Requests one API key (or, with keys off, one client address) may have in progress; "
+        "more are answered 429 + Retry-After at once.",
+    )
+    request_queue_s: float = Field(
+        5.0,
+        ge=0,
+        le=60,
+        description="How long a request waits for a turn when max_requests_in_flight are being served.",
+    )
 
     # --- inference -----------------------------------------------------------------------------------
     adapter_cache_size: int = Field(8, ge=1, description="Adapters kept loaded (LRU; pinned ones stay).")
@@ -153,6 +178,14 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(5.0, gt=0, description="Worker heartbeat interval.")
     lease_s: float = Field(60.0, gt=0, description="A job whose heartbeat is older than this is requeued.")
     max_attempts: int = Field(3, ge=1, description="Attempts per job before it is failed.")
+    max_lost_attempts: int = Field(
+        30,
+        ge=1,
+        description="Attempts a job may lose to crashes that are not its doing (its worker killed or "
+        "gone past its lease, its training child killed, e.g. by the out-of-memory killer) before it "
+        "fails as worker_lost; each lost attempt resumes from the last checkpoint. Counted apart from "
+        "max_attempts, so a crash loop ends without a flaky host failing sound jobs.",
+    )
     worker_gpu: int | None = Field(
         None,
         ge=0,

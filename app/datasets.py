@@ -22,6 +22,7 @@ from app.config import Settings
 from app.exceptions import Conflict, DatasetInvalid, InvalidInput, NotFound
 from app.ml.data import DatasetError, encode_examples, load_rows, sample_names, validate_rows
 from app.models import FileRecord
+from app.owners import may_see, where_owned
 from app.pagination import PageRows, paginate
 
 FILE_PREFIX = "file_"
@@ -34,14 +35,15 @@ EVAL_FIELD = "hyperparameters.eval_dataset"
 # --- references -------------------------------------------------------------------------------------
 
 
-def reference(session: Session, dataset: str, *, field: str = "dataset") -> str:
+def reference(session: Session, dataset: str, *, field: str = "dataset", owner: str | None = None) -> str:
     """The reference a job stores for what the client named (a bare sample name becomes sample:<name>).
 
     An upload must exist (NotFound); a sample must be one of the bundled names, never a path; a hub
     id must look like owner/name. The messages depend only on the reference, not on the server's disk.
+    `owner` (app.owners): an upload of another API key is as missing as one that never existed.
     """
     if dataset.startswith(FILE_PREFIX):
-        return get_file(session, dataset, field=field).id
+        return get_file(session, dataset, field=field, owner=owner).id
     if dataset.startswith(SAMPLE_PREFIX) or dataset in sample_names():
         name = dataset.removeprefix(SAMPLE_PREFIX)
         if name not in sample_names():
@@ -130,37 +132,50 @@ def add_upload(
     size: int,
     filename: str,
     purpose: str,
+    api_key_id: str | None,
 ) -> FileRecord:
     """Validate a received upload, store it as uploads_dir/<sha256>.jsonl and record it."""
     rows = len(load(str(received), settings, field="file"))
     final = settings.uploads_dir / f"{digest}.jsonl"
     os.replace(received, final)  # same bytes under the same name: a re-upload just replaces it
     record = FileRecord(
-        filename=filename, purpose=purpose, bytes=size, rows=rows, sha256=digest, path=str(final.resolve())
+        filename=filename,
+        purpose=purpose,
+        bytes=size,
+        rows=rows,
+        sha256=digest,
+        path=str(final.resolve()),
+        api_key_id=api_key_id,
     )
     session.add(record)
     session.commit()
     return record
 
 
-def get_file(session: Session, file_id: str, *, field: str = "file_id") -> FileRecord:
+def get_file(
+    session: Session, file_id: str, *, field: str = "file_id", owner: str | None = None
+) -> FileRecord:
     record = session.get(FileRecord, file_id)
-    if record is None:
+    if record is None or not may_see(record.api_key_id, owner):
         raise NotFound(f"file {file_id!r} does not exist; upload it with POST /files", field=field)
     return record
 
 
-def list_files(session: Session, *, after: str | None, limit: int) -> PageRows:
+def list_files(session: Session, *, after: str | None, limit: int, owner: str | None = None) -> PageRows:
     """Newest first; `after` is the last id of the previous page."""
-    return paginate(session, select(FileRecord), FileRecord.id, after=after, limit=limit)
+    query = select(FileRecord).where(where_owned(FileRecord.api_key_id, owner))
+    return paginate(session, query, FileRecord.id, after=after, limit=limit)
 
 
-def delete_file(session: Session, file_id: str) -> None:
-    """Refused while a queued or running job uses the file (as dataset or eval_dataset)."""
-    record = get_file(session, file_id)
+def delete_file(session: Session, file_id: str, *, owner: str | None = None) -> None:
+    """Refused while a queued or running job uses the file (as dataset or eval_dataset); the message
+    names only the jobs `owner` may see."""
+    record = get_file(session, file_id, owner=owner)
     if users := queue.jobs_using_file(session, file_id):
+        own = [job_id for job_id, job_owner in users if may_see(job_owner, owner)]
+        named = f" {', '.join(own)}" if own else ""
         raise Conflict(
-            f"file {file_id} is used by active job(s) {', '.join(users)}; cancel them first", field="file_id"
+            f"file {file_id} is used by {len(users)} active job(s){named}; cancel them first", field="file_id"
         )
     session.delete(record)
     session.commit()

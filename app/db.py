@@ -27,6 +27,7 @@ from app.config import Settings
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 30_000
+POOL_TIMEOUT_S = 10.0
 # The key of the PostgreSQL advisory lock every migrating process takes (any fixed bigint: "gpts").
 MIGRATION_LOCK_KEY = 0x67707473
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +63,15 @@ def make_engine(settings: Settings) -> Engine:
     url = settings.db_url
     if url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # One connection per API thread (each runs one route at a time) plus as many for the
+        # probes and metrics that run beside them; a wait past POOL_TIMEOUT_S is a 503, not a hang.
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            pool_size=settings.api_threads,
+            max_overflow=settings.api_threads,
+            pool_timeout=POOL_TIMEOUT_S,
+        )
         _install_sqlite_pragmas(engine)
         return engine
     return create_engine(

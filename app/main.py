@@ -7,6 +7,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI
 
 from app.ml.modeling import import_unsloth_first
@@ -42,12 +43,15 @@ DESCRIPTION = f"""LoRA fine-tuning and serving for gpt-oss-20b on your own GPU.
 
 Upload a JSONL dataset (`POST /files`), start a job (`POST /jobs`), poll it (`GET /jobs/{{id}}`),
 then generate with the adapter it produced (`POST /generate`, or the OpenAI-compatible `/v1`).
-Every route but `{HEALTHZ}` and `{READYZ}` needs `Authorization: Bearer <key>`."""
+Every route but `{HEALTHZ}`, `{READYZ}`, `/metrics`, these docs (`/docs`, `/redoc`, `/openapi.json`) and
+the console's page needs `Authorization: Bearer <key>`. Timestamps are UTC, with their offset."""
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
+    # The thread pool that runs blocking route code; app.db sizes the SQLite pool from the same setting.
+    anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
     upgrade_to_head(settings)  # also run by every worker; a migration lock serialises them
     identity.check_data_dir(settings, app.state.db)  # refuses a data folder of another deployment
     if settings.auth == "none":
@@ -96,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     for module in (health, files, jobs, adapters, generate, openai_compat, openai_ft, plots, docs, console):
         app.include_router(module.router)
+    errors.document_errors(app)
     middleware.install(app, settings)
     metrics.install(app)
     return app

@@ -51,6 +51,8 @@ class FileRecord(Base):
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The API key that uploaded it (None: uploaded with auth off). Other keys see 404; admin sees all.
+    api_key_id: Mapped[str | None] = mapped_column(String(40), index=True)
 
 
 class Job(Base):
@@ -74,6 +76,9 @@ class Job(Base):
 
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    # Attempts lost to a crash that was not the job's doing (worker gone, training child killed):
+    # counted apart from max_attempts, against the worker's max_lost_attempts.
+    lost_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     worker_id: Mapped[str | None] = mapped_column(String(128))
     lease_until: Mapped[datetime | None] = mapped_column()
     heartbeat_at: Mapped[datetime | None] = mapped_column()
@@ -131,6 +136,8 @@ class Adapter(Base):
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
     manifest: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The key that made it: its job's key (None: auth off or registered by hand). Others see 404.
+    api_key_id: Mapped[str | None] = mapped_column(String(40), index=True)
 
 
 class ApiKey(Base):

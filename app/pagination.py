@@ -12,6 +12,10 @@ from typing import Any, NamedTuple
 from sqlalchemy import Select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
+# The largest integer cursor (event ids): SQLite's INTEGER and PostgreSQL's bigint hold no more, and a
+# larger `after` would fail in the driver instead of answering 422.
+MAX_EVENT_ID = 2**63 - 1
+
 
 class PageRows(NamedTuple):
     rows: list[Any]

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from app.db import immediate_session, utcnow
 from app.exceptions import Conflict, NotFound, TransitionError
 from app.models import ACTIVE_STATUSES, FINAL_STATUSES, Job, JobEvent, JobStatus
+from app.owners import may_see, where_owned
 from app.pagination import PageRows, paginate
 
 # --- creation ---------------------------------------------------------------------------------------
@@ -106,9 +107,10 @@ def _by_idempotency_key(session: Session, key: str, digest: str) -> Job | None:
 # --- reads ------------------------------------------------------------------------------------------
 
 
-def get_job(session: Session, job_id: str) -> Job:
+def get_job(session: Session, job_id: str, *, owner: str | None = None) -> Job:
+    """The job, if `owner` may see it (app.owners); another key's job is as missing as no job."""
     job = session.get(Job, job_id, populate_existing=True)
-    if job is None:
+    if job is None or not may_see(job.api_key_id, owner):
         raise NotFound(f"job {job_id!r} does not exist", field="job_id")
     return job
 
@@ -128,9 +130,11 @@ def queue_position(session: Session, job: Job) -> int | None:
     return int(ahead or 0) + 1
 
 
-def list_jobs(session: Session, *, status: str | None, after: str | None, limit: int) -> PageRows:
+def list_jobs(
+    session: Session, *, status: str | None, after: str | None, limit: int, owner: str | None = None
+) -> PageRows:
     """Newest first; `after` is the last id of the previous page."""
-    query = select(Job)
+    query = select(Job).where(where_owned(Job.api_key_id, owner))
     if status:
         query = query.where(Job.status == status)
     return paginate(session, query, Job.id, after=after, limit=limit)
@@ -172,12 +176,13 @@ def metrics_series(session: Session, job_id: str) -> list[tuple[int, dict[str, A
     return [(step, data or {}) for step, data in session.execute(query)]
 
 
-def jobs_using_file(session: Session, file_id: str) -> Sequence[str]:
-    """Active jobs that read this upload, as their dataset or as hyperparameters.eval_dataset (both
-    hold the file id: app.datasets resolves it to the stored path only when the data is read)."""
+def jobs_using_file(session: Session, file_id: str) -> Sequence[tuple[str, str | None]]:
+    """Active jobs (id, owner) that read this upload, as their dataset or as
+    hyperparameters.eval_dataset (both hold the file id: app.datasets resolves it to the stored path
+    only when the data is read)."""
     uses = or_(Job.file_id == file_id, Job.config["eval_dataset"].as_string() == file_id)
-    query = select(Job.id).where(uses, Job.status.in_(ACTIVE_STATUSES))
-    return list(session.scalars(query))
+    query = select(Job.id, Job.api_key_id).where(uses, Job.status.in_(ACTIVE_STATUSES))
+    return [(job_id, owner) for job_id, owner in session.execute(query)]
 
 
 # --- the guarded transition ---------------------------------------------------------------------------
@@ -276,21 +281,23 @@ def cancel_requested(session: Session, job_id: str) -> bool:
     return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 
-def requeue_expired(session: Session) -> list[tuple[str, str]]:
-    """Jobs whose worker stopped heartbeating: back to the queue, or failed after max_attempts.
+def requeue_expired(session: Session, max_lost_attempts: int) -> list[tuple[str, str]]:
+    """Jobs whose worker stopped heartbeating: a lost attempt, not the job's fault, so back to the
+    queue (resuming from the last checkpoint), or failed once it has lost `max_lost_attempts`.
 
     Returns (job id, new status) pairs. Each change is guarded on the expired lease, so a worker that
     heartbeats in the meantime keeps its job.
     """
     now = utcnow()
     stale = session.execute(
-        select(Job.id, Job.attempts, Job.max_attempts, Job.cancel_requested, Job.worker_id).where(
+        select(Job.id, Job.attempts, Job.lost_attempts, Job.cancel_requested, Job.worker_id).where(
             Job.status == JobStatus.RUNNING, Job.lease_until < now
         )
     ).all()
     changed = []
-    for job_id, attempts, max_attempts, cancel, worker in stale:
-        values, status, reason = _expired_outcome(attempts, max_attempts, cancel, worker)
+    for job_id, attempts, lost, cancel, worker in stale:
+        reason = f"worker {worker} stopped heartbeating during attempt {attempts}"
+        values, status, reason = _lost_outcome(lost, max_lost_attempts, cancel, reason)
         result = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.lease_until < now)
@@ -304,20 +311,58 @@ def requeue_expired(session: Session) -> list[tuple[str, str]]:
     return changed
 
 
-def _expired_outcome(
-    attempts: int, max_attempts: int, cancel: bool, worker: str | None
+def requeue_lost(session: Session, job_id: str, worker_id: str, max_lost_attempts: int, why: str) -> str:
+    """The worker saw its training child die without a result (killed, e.g. by the out-of-memory
+    killer): a lost attempt like a lost worker. Returns the job's new status."""
+    job = get_job(session, job_id)
+    values, status, reason = _lost_outcome(job.lost_attempts, max_lost_attempts, job.cancel_requested, why)
+    _transition(
+        session,
+        job_id,
+        [JobStatus.RUNNING],
+        owner=worker_id,
+        status=status,
+        worker_id=None,
+        lease_until=None,
+        **values,
+    )
+    add_event(session, job_id, "status", message=f"{status}: {reason}", attempt=job.attempts)
+    session.commit()
+    return status
+
+
+def _lost_outcome(
+    lost_before: int, max_lost_attempts: int, cancel: bool, reason: str
 ) -> tuple[dict[str, Any], str, str]:
-    reason = f"worker {worker} stopped heartbeating during attempt {attempts} of {max_attempts}"
+    lost = lost_before + 1
     if cancel:
-        return {"finished_at": utcnow()}, JobStatus.CANCELLED, reason
-    if attempts >= max_attempts:
+        return {"finished_at": utcnow(), "lost_attempts": lost}, JobStatus.CANCELLED, reason
+    if lost >= max_lost_attempts:
         values = {
             "finished_at": utcnow(),
+            "lost_attempts": lost,
             "error_code": "worker_lost",
-            "error_message": f"{reason}; no attempts left",
+            "error_message": f"{reason}; {lost} attempts lost to crashes, the limit (max_lost_attempts)",
         }
         return values, JobStatus.FAILED, reason
-    return {}, JobStatus.QUEUED, f"{reason}; will resume from the last checkpoint"
+    more = f"lost attempt {lost} of at most {max_lost_attempts}; will resume from the last checkpoint"
+    return {"lost_attempts": lost}, JobStatus.QUEUED, f"{reason}; {more}"
+
+
+def owns(session: Session, job_id: str, worker_id: str, attempt: int) -> bool:
+    """Whether `worker_id`'s attempt `attempt` still runs the job: the fence a training child checks
+    before it writes a checkpoint, so an attempt whose lease was taken over never writes one."""
+    found = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(
+            Job.id == job_id,
+            Job.status == JobStatus.RUNNING,
+            Job.worker_id == worker_id,
+            Job.attempts == attempt,
+        )
+    )
+    return bool(found)
 
 
 def finish_succeeded(session: Session, job_id: str, worker_id: str, *, adapter_id: str, backend: str) -> None:
@@ -385,9 +430,9 @@ def release(session: Session, job_id: str, worker_id: str, reason: str) -> None:
 # --- API side -----------------------------------------------------------------------------------------
 
 
-def request_cancel(session: Session, job_id: str) -> Job:
+def request_cancel(session: Session, job_id: str, *, owner: str | None = None) -> Job:
     """Queued: cancelled at once. Running: flagged; its worker stops it in seconds, keeping checkpoints."""
-    job = get_job(session, job_id)
+    job = get_job(session, job_id, owner=owner)
     try:
         if job.status == JobStatus.QUEUED:
             _transition(session, job_id, [JobStatus.QUEUED], status=JobStatus.CANCELLED, finished_at=utcnow())
@@ -400,7 +445,7 @@ def request_cancel(session: Session, job_id: str) -> Job:
         job = get_job(session, job_id)  # it moved meanwhile (claimed or finished): say where it is now
         if job.status in FINAL_STATUSES:
             raise Conflict(f"job {job_id} already {job.status}; nothing to cancel", field="job_id") from None
-        return request_cancel(session, job_id)
+        return request_cancel(session, job_id, owner=owner)
     session.commit()
     return get_job(session, job_id)
 

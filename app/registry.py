@@ -17,12 +17,14 @@ from sqlalchemy.orm import Session
 from app import adapter_folder
 from app.exceptions import Conflict, NotFound
 from app.models import Adapter
+from app.owners import where_owned
 from app.pagination import PageRows, paginate
 
 
-def find_adapter(session: Session, ref: str) -> Adapter:
-    """By id (adp_...) or by name; NotFound otherwise."""
-    adapter = session.scalar(select(Adapter).where(or_(Adapter.id == ref, Adapter.name == ref)))
+def find_adapter(session: Session, ref: str, *, owner: str | None = None) -> Adapter:
+    """By id (adp_...) or by name, if `owner` may see it (app.owners); NotFound otherwise."""
+    query = select(Adapter).where(or_(Adapter.id == ref, Adapter.name == ref))
+    adapter = session.scalar(query.where(where_owned(Adapter.api_key_id, owner)))
     if adapter is None:
         raise NotFound(f"adapter {ref!r} does not exist; GET /adapters lists them", field="adapter")
     return adapter
@@ -32,13 +34,22 @@ def get_adapter(session: Session, adapter_id: str) -> Adapter | None:
     return session.get(Adapter, adapter_id)
 
 
-def list_adapters(session: Session, *, after: str | None = None, limit: int = 100) -> PageRows:
+def list_adapters(
+    session: Session, *, after: str | None = None, limit: int = 100, owner: str | None = None
+) -> PageRows:
     """Newest first; `after` is the last id of the previous page."""
-    return paginate(session, select(Adapter), Adapter.id, after=after, limit=limit)
+    query = select(Adapter).where(where_owned(Adapter.api_key_id, owner))
+    return paginate(session, query, Adapter.id, after=after, limit=limit)
 
 
 def register_adapter(
-    session: Session, *, adapter_id: str, name: str, folder: Path, job_id: str | None
+    session: Session,
+    *,
+    adapter_id: str,
+    name: str,
+    folder: Path,
+    job_id: str | None,
+    api_key_id: str | None = None,
 ) -> Adapter:
     """Add the row for a complete adapter folder (idempotent: a retried registration returns the row)."""
     existing = session.get(Adapter, adapter_id)
@@ -54,6 +65,7 @@ def register_adapter(
         path=str(folder.resolve()),
         job_id=job_id,
         manifest=manifest,
+        api_key_id=api_key_id,
     )
     session.add(adapter)
     try:

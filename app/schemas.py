@@ -2,18 +2,56 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from datetime import UTC, datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from app.ml.train_config import Hyperparameters
 from app.models import JobStatus
 
 T = TypeVar("T")
 
+
+def as_utc(moment: datetime) -> datetime:
+    # The database hands back naive UTC (SQLite has no time zones): say so in every answer.
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+# A timestamp as the API answers it: UTC, with its offset ("...Z"), never a bare local-looking time.
+UtcDateTime = Annotated[datetime, AfterValidator(as_utc)]
+
 MAX_METADATA_KEYS = 16
 MAX_METADATA_VALUE = 512
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")  # e.g. `row` for a bad dataset row, `details` for a 422
+
+    code: str = Field(description="Machine-readable: invalid_input, not_found, conflict, busy, ...")
+    message: str = Field(description="What was wrong and what to do, naming the field and the limit.")
+    field: str | None = Field(None, description="The request field at fault, where there is one.")
+
+
+class ErrorResponse(BaseModel):
+    """Every error of the native routes."""
+
+    error: ErrorDetail
+
+
+class OpenAIErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, permission_error, ...")
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorResponse(BaseModel):
+    """Errors of the /v1 routes, in OpenAI's shape."""
+
+    error: OpenAIErrorDetail
 
 
 class Page(BaseModel, Generic[T]):
@@ -38,7 +76,7 @@ class FilePublic(BaseModel):
     bytes: int
     rows: int
     sha256: str
-    created_at: datetime
+    created_at: UtcDateTime
 
 
 # --- jobs -------------------------------------------------------------------------------------------
@@ -104,8 +142,8 @@ class JobCreate(BaseModel):
 class JobError(BaseModel):
     code: str = Field(
         description="invalid_dataset, invalid_job, training_error, out_of_memory, child_crashed, "
-        "worker_lost (lease expired, no attempts left), adapter_registration_failed, or internal_error "
-        "(the worker could not record the result; see its log)."
+        "worker_lost (max_lost_attempts attempts lost to crashes), adapter_registration_failed, or "
+        "internal_error (the worker could not record the result; see its log)."
     )
     message: str
 
@@ -136,13 +174,18 @@ class JobPublic(BaseModel):
     backend: str | None
     attempts: int
     max_attempts: int
+    lost_attempts: int = Field(
+        0,
+        description="Attempts lost to crashes that were not the job's doing (worker or training process "
+        "killed); each resumed from the last checkpoint. Limited by the server's max_lost_attempts.",
+    )
     cancel_requested: bool
     error: JobError | None
     adapter_id: str | None
     adapter: AdapterPublic | None = None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: UtcDateTime
+    started_at: UtcDateTime | None
+    finished_at: UtcDateTime | None
 
 
 class JobEventPublic(BaseModel):
@@ -154,13 +197,13 @@ class JobEventPublic(BaseModel):
     step: int | None
     message: str | None
     data: dict[str, Any] | None
-    created_at: datetime
+    created_at: UtcDateTime
 
 
 class CheckpointPublic(BaseModel):
     step: int
     path: str
-    created_at: datetime
+    created_at: UtcDateTime
     metrics: dict[str, Any] | None = None
 
 
@@ -178,7 +221,7 @@ class AdapterPublic(BaseModel):
     backend: str | None
     job_id: str | None
     manifest: dict[str, Any]
-    created_at: datetime
+    created_at: UtcDateTime
 
 
 class Deleted(BaseModel):

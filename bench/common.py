@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -204,3 +204,29 @@ def copy_bandwidth_gbs(gib: float = 4.0, repeats: int = 10) -> float | None:
     del src, dst
     torch.cuda.empty_cache()
     return 2 * n / statistics.median(times) / 1e9
+
+
+def service_env(
+    data_dir: Path, models_dir: Path, model: str, port: int, *, extra: Iterable[str] = (), **settings: str
+) -> dict[str, str]:
+    """The environment of a benchmark's own API and worker on 127.0.0.1: this process's environment,
+    its data folder and model, keys and the rate limit off, plain log lines; then `settings`
+    (GPTOSS_... names) and `extra` ("NAME=VALUE" items from a command line) on top."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ)
+    env.update(
+        GPTOSS_DATA_DIR=str(data_dir),
+        GPTOSS_MODELS_DIR=str(models_dir.resolve()),
+        GPTOSS_BASE_MODEL=model,
+        GPTOSS_AUTH="none",
+        GPTOSS_PORT=str(port),
+        GPTOSS_LOG_JSON="false",
+        GPTOSS_RATE_LIMIT_PER_MINUTE="0",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+    )
+    env.update(settings)
+    for item in extra:
+        name, _, value = item.partition("=")
+        env[name] = value
+    return env

@@ -36,6 +36,7 @@ from typing import Any
 import httpx
 
 from bench.common import copy_bandwidth_gbs, run_header, summarize, write_json
+from bench.common import service_env as common_service_env
 from bench.data import WORDS, uneven_rows, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,24 +80,17 @@ def free_port() -> int:
 
 
 def service_env(args: argparse.Namespace, data_dir: Path, port: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        GPTOSS_DATA_DIR=str(data_dir),
-        GPTOSS_MODELS_DIR=str(args.models_dir.resolve()),
-        GPTOSS_BASE_MODEL=args.model,
+    return common_service_env(
+        data_dir,
+        args.models_dir,
+        args.model,
+        port,
         GPTOSS_BACKEND=args.backend,
         GPTOSS_LOAD_IN_4BIT="true",
-        GPTOSS_AUTH="none",
-        GPTOSS_PORT=str(port),
-        GPTOSS_LOG_JSON="false",
         GPTOSS_WORKER_POLL_S="0.5",
         GPTOSS_MAX_BATCH_SIZE=str(args.max_batch_size),
         GPTOSS_MAX_CONCURRENT_GENERATIONS="256",
-        GPTOSS_RATE_LIMIT_PER_MINUTE="0",
-        PYTHONUNBUFFERED="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     )
-    return env
 
 
 class Service:

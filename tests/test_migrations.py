@@ -3,18 +3,19 @@ on SQLite and on PostgreSQL (the same migrations: types, JSON, booleans, default
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, select
+from sqlalchemy import inspect, select, text
 from sqlalchemy.orm import Session
 
 from app import datasets
 from app.config import Settings
 from app.db import current_revision, downgrade_to, head_revision, make_engine, upgrade_to_head
-from app.models import Base, FileRecord, Job, ServiceIdentity
+from app.models import Base, Job, ServiceIdentity
 from tests.fixtures_service import ROOT, worker_env
 from tests.pg import ON_BOTH_DATABASES
 
@@ -75,15 +76,29 @@ def test_0002_turns_stored_dataset_paths_into_references(svc_settings: Settings)
     upgrade_to_head(svc_settings)
     downgrade_to(svc_settings, "0001")
     path = str(svc_settings.uploads_dir / "abc.jsonl")
-    with Session(engine) as session:  # the tables are the same in 0001: the models can write them
-        session.add(FileRecord(id="file_1", filename="t.jsonl", bytes=1, rows=1, sha256="abc", path=path))
-        session.flush()
-        old = {"dataset": path, "eval_dataset": path, "max_steps": 2}
-        job = Job(id="ftjob_1", base_model="tiny-gpt-oss", dataset="file_1", file_id="file_1", config=old)
-        session.add(job)
-        bare = {"dataset": "sample:capitals", "eval_dataset": None}
-        session.add(Job(id="ftjob_2", base_model="tiny-gpt-oss", dataset="capitals", config=bare))
-        session.commit()
+    # Plain SQL: the models hold columns of later migrations (0003) that a 0001 table lacks.
+    old = {"dataset": path, "eval_dataset": path, "max_steps": 2}
+    bare = {"dataset": "sample:capitals", "eval_dataset": None}
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO files (id, filename, purpose, bytes, rows, sha256, path, created_at) "
+                "VALUES ('file_1', 't.jsonl', 'fine-tune', 1, 1, 'abc', :path, '2026-01-01')"
+            ),
+            {"path": path},
+        )
+        insert_job = text(
+            "INSERT INTO jobs (id, status, priority, base_model, dataset, file_id, config, metadata, "
+            "attempts, max_attempts, cancel_requested, step, created_at, updated_at) VALUES (:id, "
+            "'queued', 0, 'tiny-gpt-oss', :dataset, :file_id, :config, '{}', 0, 3, false, 0, "
+            "'2026-01-01', '2026-01-01')"
+        )
+        conn.execute(
+            insert_job, {"id": "ftjob_1", "dataset": "file_1", "file_id": "file_1", "config": json.dumps(old)}
+        )
+        conn.execute(
+            insert_job, {"id": "ftjob_2", "dataset": "capitals", "file_id": None, "config": json.dumps(bare)}
+        )
     upgrade_to_head(svc_settings)
     with Session(engine) as session:
         upload, sample = session.get(Job, "ftjob_1"), session.get(Job, "ftjob_2")
@@ -92,6 +107,7 @@ def test_0002_turns_stored_dataset_paths_into_references(svc_settings: Settings)
         assert (sample.dataset, sample.config["dataset"]) == ("sample:capitals", "sample:capitals")
         assert datasets.resolve_sources(session, upload.config) == {"dataset": path, "eval_dataset": path}
     downgrade_to(svc_settings, "0001")
-    with Session(engine) as session:
-        restored = session.get(Job, "ftjob_1")
-        assert restored is not None and restored.config["dataset"] == restored.config["eval_dataset"] == path
+    with engine.connect() as conn:
+        stored = conn.execute(text("SELECT config FROM jobs WHERE id = 'ftjob_1'")).scalar_one()
+        restored = stored if isinstance(stored, dict) else json.loads(stored)  # PostgreSQL: JSON decoded
+        assert restored["dataset"] == restored["eval_dataset"] == path

@@ -79,7 +79,9 @@ def poll(client: openai.OpenAI, job_id: str, done: Callable[[Any], bool], timeou
 def test_upload_train_poll_and_chat_with_the_official_client(
     clients: Callable[[str], openai.OpenAI], start_worker: StartWorker, tmp_path: Path
 ) -> None:
-    trainer, reader, chatter = clients("train,read"), clients("read"), clients("generate")
+    # One tenant runs the flow; keys with fewer scopes are refused by scope (403) before anything else,
+    # and, being other tenants, see none of its objects (404).
+    trainer, reader, chatter = clients("train,read,generate"), clients("read"), clients("generate")
     sample = SAMPLES_DIR / "capitals.jsonl"
     with pytest.raises(openai.PermissionDeniedError):  # uploading needs `train`, as POST /files does
         reader.files.create(file=sample.open("rb"), purpose="fine-tune")
@@ -89,8 +91,11 @@ def test_upload_train_poll_and_chat_with_the_official_client(
     held_out = tmp_path / "held_out.jsonl"
     held_out.write_text("".join(sample.read_text().splitlines(keepends=True)[:4]))
     validation = trainer.files.create(file=held_out.open("rb"), purpose="fine-tune")
-    assert reader.files.retrieve(training.id).bytes == training.bytes
-    assert [f.id for f in reader.files.list()] == [validation.id, training.id]
+    assert trainer.files.retrieve(training.id).bytes == training.bytes
+    assert [f.id for f in trainer.files.list()] == [validation.id, training.id]
+    with pytest.raises(openai.NotFoundError):  # another tenant's file, as if it did not exist
+        reader.files.retrieve(training.id)
+    assert list(reader.files.list()) == []
 
     job = trainer.fine_tuning.jobs.create(
         model="tiny-gpt-oss",
@@ -118,19 +123,19 @@ def test_upload_train_poll_and_chat_with_the_official_client(
     assert cancelled.status == "cancelled" and cancelled.finished_at is not None
 
     start_worker()
-    done = poll(reader, job.id, lambda j: j.status in ("succeeded", "failed", "cancelled"))
+    done = poll(trainer, job.id, lambda j: j.status in ("succeeded", "failed", "cancelled"))
     assert done.status == "succeeded", done.error
     assert done.fine_tuned_model and done.fine_tuned_model.startswith("ft:tiny-gpt-oss:capitals:")
     assert done.trained_tokens and done.trained_tokens > 0 and done.finished_at >= done.created_at
     assert done.error is None and done.estimated_finish is None and done.user_provided_suffix == "capitals"  # type: ignore[attr-defined]
 
-    listed = list(reader.fine_tuning.jobs.list(limit=1))  # one per page: the client follows `after`
+    listed = list(trainer.fine_tuning.jobs.list(limit=1))  # one per page: the client follows `after`
     assert [j.id for j in listed] == [second.id, job.id]
-    page = reader.fine_tuning.jobs.list(limit=1)
+    page = trainer.fine_tuning.jobs.list(limit=1)
     assert page.has_more is True and page.data[0].id == second.id
-    assert [j.id for j in reader.fine_tuning.jobs.list(after=second.id, limit=5).data] == [job.id]
+    assert [j.id for j in trainer.fine_tuning.jobs.list(after=second.id, limit=5).data] == [job.id]
 
-    events = list(reader.fine_tuning.jobs.list_events(job.id, limit=3))
+    events = list(trainer.fine_tuning.jobs.list_events(job.id, limit=3))
     assert all(e.object == "fine_tuning.job.event" and e.id.startswith("ftevent-") for e in events)
     numbers = [int(e.id.removeprefix("ftevent-")) for e in events]
     assert numbers == sorted(numbers, reverse=True) and len(set(numbers)) == len(numbers)  # newest first
@@ -139,13 +144,18 @@ def test_upload_train_poll_and_chat_with_the_official_client(
     assert sorted(steps) == [1, 2, 3, 4]
     assert any(e.type == "metrics" and data(e).get("valid_loss") is not None for e in events)
 
-    checkpoints = list(reader.fine_tuning.jobs.checkpoints.list(job.id))
+    checkpoints = list(trainer.fine_tuning.jobs.checkpoints.list(job.id))
     assert [c.step_number for c in checkpoints] == [4]
     assert checkpoints[0].metrics.train_loss is not None and checkpoints[0].fine_tuning_job_id == job.id
 
-    model = reader.models.retrieve(done.fine_tuned_model)
+    model = trainer.models.retrieve(done.fine_tuned_model)
     assert model.id == done.fine_tuned_model and model.owned_by == "adapter"
-    answer = chatter.chat.completions.create(
+    with pytest.raises(openai.NotFoundError):  # another tenant's adapter
+        chatter.chat.completions.create(
+            model=done.fine_tuned_model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+        )
+    assert list(reader.fine_tuning.jobs.list()) == []
+    answer = trainer.chat.completions.create(
         model=done.fine_tuned_model,
         messages=[{"role": "user", "content": "What is the capital of France?"}],
         max_tokens=8,
@@ -157,7 +167,7 @@ def test_upload_train_poll_and_chat_with_the_official_client(
     deleted = trainer.files.delete(validation.id)
     assert deleted.deleted is True and deleted.id == validation.id
     with pytest.raises(openai.NotFoundError):
-        reader.files.retrieve(validation.id)
+        trainer.files.retrieve(validation.id)
 
 
 def test_errors_reach_the_client_in_openais_shape(clients: Callable[[str], openai.OpenAI]) -> None:

@@ -16,12 +16,29 @@ from typing import Any
 import httpx
 import pytest
 
+from app.config import Settings
 from app.ml.data import SAMPLES_DIR
 from tests.fixtures_service import SMALL_TRAINING, StartWorker, job_status, wait_for, wait_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("db_backend", ["postgresql"], indirect=True)]
 
 CALLS = 200
+
+
+@pytest.fixture
+def svc_settings(settings: Settings) -> Settings:
+    """Load shedding off for this burst (all calls come from one client, which past its share would get
+    a fast 429; tests/test_api_load.py covers that): every call reaches the database."""
+    return settings.model_copy(
+        update={
+            "load_model_on_start": False,
+            "log_json": False,
+            "max_requests_in_flight": CALLS,
+            "max_requests_in_flight_per_client": CALLS,
+        }
+    )
+
+
 TRAINING = {**SMALL_TRAINING, "max_steps": 400, "save_steps": 400}  # cancelled after the burst
 
 

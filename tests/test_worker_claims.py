@@ -73,30 +73,56 @@ def test_claim_order_is_priority_then_age(svc_settings: Settings) -> None:
 
 
 @ON_BOTH_DATABASES
-def test_expired_lease_is_requeued_then_failed_after_max_attempts(svc_settings: Settings) -> None:
+def test_expired_lease_is_a_lost_attempt_requeued_until_max_lost_attempts(svc_settings: Settings) -> None:
+    """A lost worker is not the job's fault: max_attempts (1 here) does not fail it, the separate
+    crash-loop limit does."""
     upgrade_to_head(svc_settings)
-    (job_id,) = _new_jobs(svc_settings, 1, max_attempts=2)
+    (job_id,) = _new_jobs(svc_settings, 1, max_attempts=1)
     engine = make_engine(svc_settings)
     sessions = make_sessionmaker(engine)
 
     def claim_and_expire(worker: str) -> None:
         assert queue.claim_next(engine, worker, 60) is not None
         with sessions() as session:
-            assert queue.requeue_expired(session) == []  # a live lease is left alone
+            assert queue.requeue_expired(session, max_lost_attempts=3) == []  # a live lease stays
             session.execute(update(Job).values(lease_until=utcnow() - timedelta(seconds=1)))
             session.commit()
 
-    claim_and_expire("dead-1")
+    for lost, worker in enumerate(("dead-1", "dead-2"), start=1):
+        claim_and_expire(worker)
+        with sessions() as session:
+            assert queue.requeue_expired(session, max_lost_attempts=3) == [(job_id, "queued")]
+            assert queue.get_job(session, job_id).lost_attempts == lost
+            with pytest.raises(TransitionError):  # the dead worker cannot finish a job it lost
+                queue.finish_succeeded(session, job_id, worker, adapter_id="adp_x", backend="hf")
+    claim_and_expire("dead-3")
     with sessions() as session:
-        assert queue.requeue_expired(session) == [(job_id, "queued")]
-        with pytest.raises(TransitionError):  # the dead worker cannot finish a job it lost
-            queue.finish_succeeded(session, job_id, "dead-1", adapter_id="adp_x", backend="hf")
-    claim_and_expire("dead-2")
-    with sessions() as session:
-        assert queue.requeue_expired(session) == [(job_id, "failed")]
+        assert queue.requeue_expired(session, max_lost_attempts=3) == [(job_id, "failed")]
         job = queue.get_job(session, job_id)
-        assert (job.attempts, job.error_code) == (2, "worker_lost")
-        assert "no attempts left" in (job.error_message or "")
+        assert (job.attempts, job.lost_attempts, job.error_code) == (3, 3, "worker_lost")
+        assert "max_lost_attempts" in (job.error_message or "")
+
+
+@ON_BOTH_DATABASES
+def test_only_the_attempt_that_runs_a_job_owns_it(svc_settings: Settings) -> None:
+    """The fence a training child checks before each checkpoint."""
+    upgrade_to_head(svc_settings)
+    (job_id,) = _new_jobs(svc_settings, 1)
+    engine = make_engine(svc_settings)
+    sessions = make_sessionmaker(engine)
+    first = queue.claim_next(engine, "w1", 60)
+    assert first is not None
+    with sessions() as session:
+        assert queue.owns(session, job_id, "w1", first.attempts)
+        session.execute(update(Job).values(lease_until=utcnow() - timedelta(seconds=1)))
+        session.commit()
+        queue.requeue_expired(session, max_lost_attempts=5)
+    second = queue.claim_next(engine, "w2", 60)
+    assert second is not None
+    with sessions() as session:
+        assert not queue.owns(session, job_id, "w1", first.attempts)
+        assert queue.owns(session, job_id, "w2", second.attempts)
+        assert not queue.owns(session, job_id, "w2", first.attempts)
 
 
 @ON_BOTH_DATABASES

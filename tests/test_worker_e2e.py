@@ -197,11 +197,11 @@ def test_cancel_while_the_model_loads_stops_at_once(
     assert worker.poll() is None
 
 
-def test_crashing_jobs_fail_clearly_and_the_worker_goes_on(
+def test_a_killed_child_resumes_and_a_bad_dataset_fails_clearly_and_the_worker_goes_on(
     svc_client: TestClient, start_worker: StartWorker, svc_settings: Settings
 ) -> None:
     worker = start_worker()
-    doomed = submit(svc_client, hyperparameters=LONG_TRAINING)
+    doomed = submit(svc_client, hyperparameters={**LONG_TRAINING, "save_steps": 2})
     content = (SAMPLES_DIR / "capitals.jsonl").read_bytes()
     record = svc_client.post("/files", files={"file": ("c.jsonl", content, "application/jsonl")}).json()
     corrupted = submit(svc_client, dataset=record["id"])
@@ -209,19 +209,31 @@ def test_crashing_jobs_fail_clearly_and_the_worker_goes_on(
     stored = svc_settings.uploads_dir / f"{record['sha256']}.jsonl"
     stored.write_text(content.decode().splitlines()[0] + "\n" + json.dumps({"messages": "oops"}) + "\n")
 
-    # Any moment of the child's life will do; once it has read the dataset it is busy training.
-    wait_for(
-        lambda: any(e["message"].startswith("dataset ") for e in all_events(svc_client, doomed, "log")),
-        150,
-        "the training child to start work",
-    )
+    def checkpointed() -> bool:
+        return any(e["step"] == 2 for e in all_events(svc_client, doomed, kind="checkpoint"))
+
+    wait_for(checkpointed, 150, "the first checkpoint")
     pid = child_pid(svc_client, doomed)
     assert pid is not None
     os.kill(pid, signal.SIGKILL)  # what the out-of-memory killer does to a training process
-    job = wait_status(svc_client, doomed, "failed", "succeeded", "cancelled", timeout=60)
-    assert job["error"]["code"] == "child_crashed" and "SIGKILL" in job["error"]["message"]
+    # Not the job's fault: a lost attempt, resumed from the checkpoint (issue 16: it used to fail).
+    wait_for(
+        lambda: any(m.startswith("resuming from checkpoint-") for m in _messages(svc_client, doomed, 2)),
+        150,
+        "the second attempt to resume",
+    )
+    job = job_status(svc_client, doomed)
+    assert (job["status"], job["attempts"], job["lost_attempts"], job["error"]) == ("running", 2, 1, None)
+    lost = [m for m in _messages(svc_client, doomed, 1) if m.startswith("queued:")]
+    assert lost and "SIGKILL" in lost[0] and "lost attempt 1 of at most" in lost[0]
+    svc_client.post(f"/jobs/{doomed}/cancel")
+    assert wait_status(svc_client, doomed, "cancelled", "failed", "succeeded")["status"] == "cancelled"
 
     job = wait_status(svc_client, corrupted, "failed", "succeeded", "cancelled")
     assert job["error"]["code"] == "invalid_dataset", job["error"]
     assert "row 2" in job["error"]["message"] and "messages" in job["error"]["message"]
     assert worker.poll() is None
+
+
+def _messages(http: TestClient, job_id: str, attempt: int) -> list[str]:
+    return [e["message"] or "" for e in all_events(http, job_id) if e["attempt"] == attempt]

@@ -43,6 +43,9 @@ class JobHooks:
     def __init__(self, engine: Engine, job: Job, worker_id: str) -> None:
         self.engine, self.job_id, self.attempt, self.worker_id = engine, job.id, job.attempts, worker_id
         self.stop = threading.Event()
+        # Set once the job is found not ours (requeued after a lost lease, maybe run by another worker
+        # now): from then on nothing of this attempt is written, no checkpoint above all.
+        self.fenced = threading.Event()
         # Set at the first step end of this attempt. Before it nothing this attempt did needs saving,
         # so a stop request ends the process at once (see _stop_on_sigterm) instead of at a step end.
         self.stepped = False
@@ -61,8 +64,18 @@ class JobHooks:
                 self._lost()
 
     def _lost(self) -> None:
-        log.error("job %s is no longer ours; stopping", self.job_id)
+        log.error("job %s is no longer ours; stopping without a checkpoint", self.job_id)
+        self.fenced.set()
         self.stop.set()
+
+    def may_save(self) -> bool:
+        """Asked by the trainer right before each checkpoint: two attempts must never write one job's
+        checkpoints, and after a lease takeover the other attempt owns the folder."""
+        if not self.fenced.is_set():
+            with Session(self.engine) as session:
+                if not queue.owns(session, self.job_id, self.worker_id, self.attempt):
+                    self._lost()
+        return not self.fenced.is_set()
 
     def on_step(self, metrics: dict[str, Any]) -> None:
         metrics = {k: v for k, v in _plain(metrics).items() if v is not None}
@@ -85,6 +98,8 @@ class JobHooks:
         self._event("log", message=line)
 
     def on_checkpoint(self, step: int, path: Path | str) -> None:
+        if self.fenced.is_set():
+            return
         self._event("checkpoint", message=f"checkpoint at step {step}", step=step, data={"path": str(path)})
 
     def should_stop(self) -> bool:

@@ -122,7 +122,7 @@ class Worker:
 
     def poll(self) -> Job | None:
         with self.sessions() as session:
-            for job_id, status in queue.requeue_expired(session):
+            for job_id, status in queue.requeue_expired(session, self.settings.max_lost_attempts):
                 log.warning("job %s had an expired lease: now %s", job_id, status)
         return queue.claim_next(self.db, self.worker_id, self.settings.lease_s)
 
@@ -169,7 +169,12 @@ class Worker:
                     last_beat = time.monotonic()
             elif not seen.cancel:
                 seen.cancel = self._cancel_asked(job)
-            if (seen.cancel or seen.lost or self.stopping.is_set()) and not seen.stop_sent:
+            if seen.lost:
+                # Not ours any more: a SIGTERM would make the child save a checkpoint first, into the
+                # folder the attempt that took over reads. Nothing of this attempt may be kept.
+                proc.kill()
+                break
+            if (seen.cancel or self.stopping.is_set()) and not seen.stop_sent:
                 proc.send_signal(signal.SIGTERM)
                 seen.stop_sent, stop_at = True, time.monotonic()
             if seen.stop_sent and time.monotonic() - stop_at > STOP_GRACE_S:
@@ -253,6 +258,14 @@ class Worker:
             )
         else:
             code, message = _crash_reason(proc, log_path)
+            if proc is not None and proc.returncode is not None and proc.returncode < 0:
+                # Killed by a signal nobody here sent (the out-of-memory killer, an operator): not the
+                # job's fault; it resumes from its last checkpoint, within max_lost_attempts.
+                now = queue.requeue_lost(
+                    session, job.id, self.worker_id, self.settings.max_lost_attempts, message
+                )
+                log.warning("job %s: %s; now %s", job.id, message, now)
+                return
             queue.finish_failed(session, job.id, self.worker_id, code=code, message=message)
 
     def _succeed(self, session: Session, job: Job, result: dict[str, Any]) -> None:
@@ -264,6 +277,7 @@ class Worker:
                 name=result["adapter_name"],
                 folder=Path(result["adapter_path"]),
                 job_id=job.id,
+                api_key_id=job.api_key_id,  # the adapter belongs to whoever owns its job
             )
         except (ServiceError, adapter_folder.AdapterFolderError, FileNotFoundError) as err:
             # No row points at the folder, and a retry would only fail the same way: do not leave

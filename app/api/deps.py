@@ -25,24 +25,32 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
-# Async on purpose, though the routes are sync: a sync dependency's cleanup (closing the session,
-# which returns its pooled connection) waits for a free threadpool thread, and under a burst those
-# threads all wait for a pooled connection, so requests hold connections that nobody can return until
-# the pool's timeout fails them (500). Here the close runs on the event loop and never waits.
+# Why the session dependencies are async and scope="function": a sync dependency with yield runs its
+# exit code in the thread pool, after the response is sent. Under load every pool thread is busy with
+# a request that waits for a database connection, while the connections are held by finished
+# requests whose exit code waits for a thread: nothing moves until the pool's timeout, and each
+# waiting request ends in a 500. Here the session is closed on the event loop as soon as the route
+# function returns, so a request holds a connection only while its route runs.
 async def get_session(request: Request) -> AsyncIterator[Session]:
-    with request.app.state.sessionmaker() as session:
+    session: Session = request.app.state.sessionmaker()
+    try:
         yield session
+    finally:
+        session.close()
 
 
 async def get_write_session(request: Request) -> AsyncIterator[Session]:
     """For routes that read and then write (BEGIN IMMEDIATE on SQLite; see app.db.make_sessionmaker)."""
-    with request.app.state.write_sessionmaker() as session:
+    session: Session = request.app.state.write_sessionmaker()
+    try:
         yield session
+    finally:
+        session.close()
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-SessionDep = Annotated[Session, Depends(get_session)]
-WriteSessionDep = Annotated[Session, Depends(get_write_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+WriteSessionDep = Annotated[Session, Depends(get_write_session, scope="function")]
 
 # auto_error=False: a missing header is our 401 with our error body, not FastAPI's 403.
 _bearer = HTTPBearer(auto_error=False, description="An API key from scripts/create_api_key.py")
@@ -77,18 +85,35 @@ def require_scope(scope: str) -> Callable[..., ApiKey | None]:
     return check
 
 
+def owner_of(key: ApiKey | None) -> str | None:
+    """The owner whose objects `key` may see (app.owners): its own id, or None (everything) for an
+    admin key and with auth=none."""
+    if key is None or "admin" in key.scopes.split(","):
+        return None
+    return key.id
+
+
+def key_id(key: ApiKey | None) -> str | None:
+    """The owner recorded on what `key` creates (None with auth=none)."""
+    return None if key is None else key.id
+
+
 ReadKey = Annotated[ApiKey | None, Depends(require_scope("read"))]
 TrainKey = Annotated[ApiKey | None, Depends(require_scope("train"))]
-GenerateKey = Annotated[ApiKey | None, Depends(require_scope("generate"))]
+# One callable for the generate routers' own dependency and GenerateKey, so FastAPI checks a key once.
+generate_scope = require_scope("generate")
+GenerateKey = Annotated[ApiKey | None, Depends(generate_scope)]
 AdminKey = Annotated[ApiKey | None, Depends(require_scope("admin"))]
 
 
-def resolve_adapter(session: Session, engine: Engine, ref: str | None) -> AdapterSpec | None:
+def resolve_adapter(
+    session: Session, engine: Engine, ref: str | None, *, owner: str | None = None
+) -> AdapterSpec | None:
     """The registry row for `ref` (id or name) as the engine's AdapterSpec: NotFound 404, or Conflict
     409 when it is for another base than the engine's."""
     if ref is None:
         return None
-    row = find_adapter(session, ref)
+    row = find_adapter(session, ref, owner=owner)
     spec = AdapterSpec(
         id=row.id,
         name=row.name,

@@ -1,6 +1,7 @@
 """The HTTP middleware, installed on the app by `install`; outermost first: request context
-(X-Request-ID in and out, access log, HTTP metrics), rate limit (429 + Retry-After), body size limit
-(413 naming the setting).
+(X-Request-ID in and out, access log, HTTP metrics), rate limit (429 + Retry-After), load shedding
+(503 + Retry-After past max_requests_in_flight; app/api/loadshed.py), body size limit (413 naming the
+setting).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import send_error
+from app.api.loadshed import ConcurrencyLimitMiddleware
 from app.api.metrics import record_request
 from app.api.paths import PROBE_PATHS
 from app.api.ratelimit import RateLimitMiddleware
@@ -207,12 +209,18 @@ async def _send_too_large(send: Send, setting: _Limit) -> None:
 
 
 def install(app: FastAPI, settings: Settings) -> None:
-    """The three middlewares. Called once by create_app."""
+    """The four middlewares. Called once by create_app."""
     # add_middleware wraps the stack built so far: the last one added runs first.
     app.add_middleware(
         BodySizeLimitMiddleware,
         max_request_bytes=settings.max_request_bytes,
         max_upload_bytes=settings.max_upload_bytes,
+    )
+    app.add_middleware(
+        ConcurrencyLimitMiddleware,
+        max_in_flight=settings.max_requests_in_flight,
+        per_client=settings.max_requests_in_flight_per_client,
+        queue_s=settings.request_queue_s,
     )
     app.add_middleware(RateLimitMiddleware, per_minute=settings.rate_limit_per_minute)
     app.add_middleware(RequestContextMiddleware)

@@ -10,6 +10,7 @@ from app.ml.harmony import ReasoningEffort
 
 MAX_STOP_STRINGS = 4
 DEFAULT_MAX_NEW_TOKENS = 512  # /generate's default, lowered to the server's cap when that is smaller
+MAX_SEED = 2**63 - 1  # torch's generators take a signed 64-bit seed
 
 
 def _check_stop(value: str | list[str] | None) -> list[str]:
@@ -30,7 +31,23 @@ class ChatMessage(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        # The rule _one_input enforces, stated in /openapi.json too.
+        json_schema_extra={
+            "oneOf": [
+                {
+                    "required": ["messages"],
+                    "properties": {"messages": {"type": "array"}, "prompt": {"type": "null"}},
+                },
+                {
+                    "required": ["prompt"],
+                    "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}},
+                },
+            ]
+        },
+    )
 
     adapter: str | None = Field(None, description="Adapter id or name; omitted = the plain base model.")
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=1000)
@@ -45,7 +62,7 @@ class GenerateRequest(BaseModel):
     )
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy (deterministic).")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, description="Makes sampling repeatable.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Makes sampling repeatable.")
     stop: list[str] | str | None = Field(
         None, description=f"Up to {MAX_STOP_STRINGS} strings ending the content."
     )
@@ -97,7 +114,8 @@ class OpenAIMessage(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # the official client may send fields we do not use
+    # extra: the official client may send fields we do not use. No NaN or infinity in the floats.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str
     messages: list[OpenAIMessage] = Field(min_length=1, max_length=1000)
@@ -105,7 +123,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None

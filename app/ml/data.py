@@ -74,19 +74,29 @@ def _read_jsonl(path: Path, *, max_rows: int, max_bytes: int) -> list[dict]:
     if size > max_bytes:
         raise DatasetError(0, "dataset", f"file is {size} bytes, more than the limit of {max_bytes} bytes")
     rows: list[dict] = []
-    with path.open(encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if not raw.strip():
                 continue
             if len(rows) >= max_rows:
                 raise DatasetError(number, "dataset", f"more than the limit of {max_rows} rows")
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DatasetError(
-                    number, "(json)", f"not valid JSON: {exc.msg} at column {exc.colno}"
-                ) from None
+            rows.append(_parse_row(raw, number))
     return rows
+
+
+def _parse_row(raw: bytes, number: int) -> Any:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(
+            number, "(encoding)", f"not UTF-8: byte 0x{raw[exc.start]:02x} at byte {exc.start + 1}"
+        ) from None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(number, "(json)", f"not valid JSON: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:  # json's C decoder recurses once per nesting level
+        raise DatasetError(number, "(json)", "nested too deeply to be a chat row") from None
 
 
 def _load_hub(dataset_id: str, *, max_rows: int) -> list[dict]:

@@ -35,7 +35,9 @@ OptimName = Literal[
 class Hyperparameters(BaseModel):
     """The training options a client may set (JobCreate.hyperparameters), each with its limits and help."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict: JSON `true` is not the step count 1, nor "8" the rank 8 (ints are still taken for floats).
+    # No NaN or infinity: a learning rate of NaN is "not a finite number", not "not greater than 0".
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     eval_dataset: str | None = Field(
         None,
@@ -126,6 +128,9 @@ class Hyperparameters(BaseModel):
 
 class TrainConfig(Hyperparameters):
     """Every training option: the hyperparameters plus the fields the server or the job request sets."""
+
+    # Lax again: the command line reads YAML, where `learning_rate: 2e-4` arrives as a string.
+    model_config = ConfigDict(extra="forbid", strict=False, allow_inf_nan=False)
 
     base_model: str = Field(
         "auto", description=f"'auto' = {GPU_DEFAULT_MODEL_ID} on CUDA else '{TINY_MODEL_ID}'"

@@ -24,6 +24,7 @@ from typing import Any, Literal, Protocol
 from app import adapter_folder
 from app.ml.data import DatasetError, Example, dataset_fingerprint, encode_examples, load_rows, validate_rows
 from app.ml.modeling import (
+    UNSLOTH_EXPERT_MODULES,
     apply_lora,
     cuda_available,
     import_unsloth_first,
@@ -249,6 +250,16 @@ def _callback(hooks: Any, get_tokens: Callable[[], int]) -> Any:
                 self.stopped = True
                 control.should_save = True
                 control.should_training_stop = True
+            self._fence(control)
+
+        def _fence(self, control):  # type: ignore[no-untyped-def]
+            """Hooks with `may_save` (the worker's child) are asked before every checkpoint; False
+            (the job was taken over by another attempt) stops the run without one."""
+            may_save = getattr(hooks, "may_save", None)
+            if control.should_save and may_save is not None and not may_save():
+                self.stopped = True
+                control.should_save = False
+                control.should_training_stop = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
             logs = logs or {}
@@ -259,6 +270,7 @@ def _callback(hooks: Any, get_tokens: Callable[[], int]) -> Any:
             if "loss" in logs:
                 self.last_time, self.last_tokens = now, tokens
             hooks.on_step(metrics)
+            self._fence(control)  # on_step may just have found the job not ours; the save comes next
 
         def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -452,6 +464,22 @@ def check_packing(cfg: TrainConfig, backend: str) -> None:
         )
 
 
+def check_targets(cfg: TrainConfig, model: Any, backend: str) -> None:
+    """Each of target_modules must name a module of the base: PEFT only refuses a list that matches
+    nothing at all, so a misspelt name beside good ones (or beside target_parameters) would train
+    without it and the job would succeed with less LoRA than asked."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if backend == "unsloth":  # Unsloth maps these onto the fused expert parameters itself
+        names |= set(UNSLOTH_EXPERT_MODULES)
+    missing = [target for target in cfg.target_modules if target not in names]
+    if missing:
+        linear = sorted(n for n in names if n.endswith("_proj"))
+        raise ValueError(
+            f"target_modules: {', '.join(repr(m) for m in missing)} matches no module of "
+            f"{cfg.resolved_base_model()}; its projection modules are {', '.join(linear) or 'none'}"
+        )
+
+
 def lora_model(cfg: TrainConfig, loaded: Any) -> Any:
     """The loaded base wrapped in the job's trainable LoRA (``apply_lora`` with the config's fields)."""
     return apply_lora(
@@ -518,6 +546,7 @@ def train(
         checkpointing=unsloth_checkpointing(cfg.gradient_checkpointing, cfg.offload_checkpoints),
     )
     hooks.on_log(f"base {loaded.model_id} loaded with backend {loaded.backend}")
+    check_targets(cfg, loaded.model, loaded.backend)
     model = lora_model(cfg, loaded)
     if cfg.packing:
         keep_packed_samples_apart(model)

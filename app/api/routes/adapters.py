@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 
 from app import adapter_folder, registry
-from app.api.deps import ReadKey, SessionDep, TrainKey, WriteSessionDep
+from app.api.deps import ReadKey, SessionDep, TrainKey, WriteSessionDep, owner_of
 from app.models import Adapter
 from app.schemas import AdapterPublic, Deleted, Page
 
@@ -23,19 +23,19 @@ def list_adapters(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict[str, Any]:
     """Adapters, newest first."""
-    return registry.list_adapters(session, after=after, limit=limit).as_page()
+    return registry.list_adapters(session, after=after, limit=limit, owner=owner_of(_key)).as_page()
 
 
 @router.get("/{ref}", response_model=AdapterPublic)
 def get_adapter(ref: str, session: SessionDep, _key: ReadKey) -> Adapter:
     """One adapter by id or name: base and fingerprint, targets, hyperparameters, metrics, source job."""
-    return registry.find_adapter(session, ref)
+    return registry.find_adapter(session, ref, owner=owner_of(_key))
 
 
 @router.delete("/{ref}", response_model=Deleted)
 def delete_adapter(ref: str, request: Request, session: WriteSessionDep, _key: TrainKey) -> Deleted:
     """Unload the adapter from the inference engine, then delete its row and its files."""
-    adapter = registry.find_adapter(session, ref)
+    adapter = registry.find_adapter(session, ref, owner=owner_of(_key))
     adapter_id, path = adapter.id, adapter.path
     engine = getattr(request.app.state, "engine", None)
     if engine is not None:

@@ -17,7 +17,6 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,11 +27,13 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app import queue
-from app.api.deps import ReadKey, SessionDep, SettingsDep
+from app.api.deps import ReadKey, SessionDep, SettingsDep, owner_of
 from app.api.routes.jobs import job_public
 from app.exceptions import NotFound
 from app.ml.data import sample_names
 from app.models import Job
+from app.pagination import MAX_EVENT_ID
+from app.schemas import UtcDateTime, as_utc
 
 log = logging.getLogger("app.console")
 router = APIRouter(include_in_schema=False)
@@ -100,8 +101,8 @@ class JobSummary(BaseModel):
     cancel_requested: bool
     error: str | None
     adapter_id: str | None
-    created_at: datetime
-    finished_at: datetime | None
+    created_at: UtcDateTime
+    finished_at: UtcDateTime | None
 
 
 def _summary(session: Session, job: Job) -> JobSummary:
@@ -177,20 +178,23 @@ class JobsFeed:
             await asyncio.sleep(self.interval_s)
 
 
-def _feed(request: Request) -> JobsFeed:
+def _feed(request: Request, owner: str | None) -> JobsFeed:
+    """One shared poller per owner (app.owners): a key's console lists only its own jobs."""
     state = request.app.state
-    if getattr(state, "console_feed", None) is None:
+    if getattr(state, "console_feeds", None) is None:
+        state.console_feeds = {}
+    feeds: dict[str | None, JobsFeed] = state.console_feeds
+    if owner not in feeds:
         sessionmaker = state.sessionmaker
 
         def read() -> str:
             with sessionmaker() as session:
-                rows = queue.list_jobs(session, status=None, after=None, limit=FEED_JOBS).rows
-                jobs = [_summary(session, job).model_dump(mode="json") for job in rows]
+                page = queue.list_jobs(session, status=None, after=None, limit=FEED_JOBS, owner=owner)
+                jobs = [_summary(session, job).model_dump(mode="json") for job in page.rows]
             return json.dumps({"jobs": jobs})
 
-        state.console_feed = JobsFeed(read)
-    feed: JobsFeed = state.console_feed
-    return feed
+        feeds[owner] = JobsFeed(read)
+    return feeds[owner]
 
 
 def _sse(event: str, data: str) -> str:
@@ -204,7 +208,7 @@ SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}  # no pro
 async def jobs_stream(request: Request, session: SessionDep, _key: ReadKey) -> StreamingResponse:
     """Server-sent events: `jobs` with the newest jobs' status and progress, at every change."""
     session.close()  # the key is checked; the stream holds no connection while it waits
-    feed = _feed(request)
+    feed = _feed(request, owner_of(_key))
 
     async def events() -> AsyncIterator[str]:
         async for text in feed.follow():
@@ -222,11 +226,11 @@ async def job_stream(
     request: Request,
     session: SessionDep,
     _key: ReadKey,
-    after: Annotated[int, Query(ge=0, description="Last event id already seen.")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID, description="Last event id already seen.")] = 0,
 ) -> StreamingResponse:
     """Server-sent events for one job: `job` (JobPublic) when it changes, `events` (new JobEvents, oldest
     first), and `end` once the job has finished and every event was sent."""
-    queue.get_job(session, job_id)  # 404 now, not inside the stream
+    queue.get_job(session, job_id, owner=owner_of(_key))  # 404 now, not inside the stream
     session.close()
     follower = _JobFollower(request.app.state.sessionmaker, job_id, after)
 
@@ -290,5 +294,5 @@ def _event_json(row: Any) -> dict[str, Any]:
         "step": row.step,
         "message": row.message,
         "data": row.data,
-        "created_at": row.created_at.isoformat(),
+        "created_at": as_utc(row.created_at).isoformat(),
     }

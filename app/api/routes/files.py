@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Form, Query, Request, UploadFile, status
 
 from app import datasets
-from app.api.deps import ReadKey, SessionDep, SettingsDep, TrainKey, WriteSessionDep
+from app.api.deps import ReadKey, SessionDep, SettingsDep, TrainKey, WriteSessionDep, key_id, owner_of
 from app.config import Settings
 from app.exceptions import LimitExceeded
 from app.models import FileRecord
@@ -38,7 +38,14 @@ def upload_file(
     try:
         name = Path(file.filename or "upload.jsonl").name[:255]
         return datasets.add_upload(
-            session, settings, tmp, digest=digest, size=size, filename=name, purpose=purpose
+            session,
+            settings,
+            tmp,
+            digest=digest,
+            size=size,
+            filename=name,
+            purpose=purpose,
+            api_key_id=key_id(_key),
         )
     finally:
         tmp.unlink(missing_ok=True)
@@ -84,17 +91,17 @@ def list_files(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict[str, Any]:
     """Uploaded files, newest first."""
-    return datasets.list_files(session, after=after, limit=limit).as_page()
+    return datasets.list_files(session, after=after, limit=limit, owner=owner_of(_key)).as_page()
 
 
 @router.get("/{file_id}", response_model=FilePublic)
 def get_file(file_id: str, session: SessionDep, _key: ReadKey) -> FileRecord:
     """One uploaded file's record."""
-    return datasets.get_file(session, file_id)
+    return datasets.get_file(session, file_id, owner=owner_of(_key))
 
 
 @router.delete("/{file_id}", response_model=Deleted)
 def delete_file(file_id: str, session: WriteSessionDep, _key: TrainKey) -> Deleted:
     """Delete a file; refused while a queued or running job uses it (as dataset or eval_dataset)."""
-    datasets.delete_file(session, file_id)
+    datasets.delete_file(session, file_id, owner=owner_of(_key))
     return Deleted(id=file_id, object="file")

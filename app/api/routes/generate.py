@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import SessionDep, SettingsDep, require_scope, resolve_adapter
+from app.api.deps import GenerateKey, SessionDep, SettingsDep, generate_scope, owner_of, resolve_adapter
 from app.api.metrics import observe_generation
 from app.exceptions import ServiceError
 from app.inference import service
@@ -17,12 +17,12 @@ from app.inference.schemas import GenerateRequest, GenerateResponse, Usage
 from app.inference.stream import Assembler
 from app.inference.types import SamplingParams
 
-router = APIRouter(tags=["generate"], dependencies=[Depends(require_scope("generate"))])
+router = APIRouter(tags=["generate"], dependencies=[Depends(generate_scope)])
 
 
 @router.post("/generate", response_model=GenerateResponse)
 async def generate(
-    body: GenerateRequest, request: Request, session: SessionDep, settings: SettingsDep
+    body: GenerateRequest, request: Request, session: SessionDep, settings: SettingsDep, key: GenerateKey
 ) -> GenerateResponse | StreamingResponse:
     """Generate a reply; `stream: true` answers with server-sent events (deltas, then a done event)."""
     engine = await service.ready_engine(request.app.state.engine)
@@ -36,7 +36,7 @@ async def generate(
             top_p=body.top_p,
             seed=body.seed,
         ),
-        adapter=resolve_adapter(session, engine, body.adapter),
+        adapter=resolve_adapter(session, engine, body.adapter, owner=owner_of(key)),
         stop=list(body.stop or []),
     )
     session.close()  # release the connection before the (long) generation

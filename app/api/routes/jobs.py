@@ -11,11 +11,12 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from sqlalchemy.orm import Session
 
 from app import datasets, queue, registry
-from app.api.deps import ReadKey, SessionDep, SettingsDep, TrainKey, WriteSessionDep
+from app.api.deps import ReadKey, SessionDep, SettingsDep, TrainKey, WriteSessionDep, key_id, owner_of
 from app.config import TINY_MODEL_ID, Settings
 from app.exceptions import InvalidInput
 from app.ml.train_config import TrainConfig
 from app.models import Job
+from app.pagination import MAX_EVENT_ID
 from app.schemas import (
     AdapterPublic,
     CheckpointPublic,
@@ -49,8 +50,9 @@ def create_job(
 ) -> JobPublic:
     """Queue a fine-tuning job. The dataset and every hyperparameter are checked now, not an hour from now."""
     base_model = _base_model(body.base_model, settings)
-    dataset = datasets.reference(session, body.dataset)
-    config = build_config(session, settings, body, base_model, dataset)
+    owner = owner_of(_key)
+    dataset = datasets.reference(session, body.dataset, owner=owner)
+    config = build_config(session, settings, body, base_model, dataset, owner=owner)
     datasets.check_job(session, config, settings)
     new = queue.NewJob(
         base_model=base_model,
@@ -61,7 +63,7 @@ def create_job(
         priority=body.priority,
         metadata=body.metadata,
         max_attempts=settings.max_attempts,
-        api_key_id=getattr(request.state, "api_key_id", None),
+        api_key_id=key_id(_key),
     )
     job, created = queue.create_job(session, new, idempotency_key=idempotency_key)
     if not created:
@@ -81,14 +83,20 @@ def _base_model(requested: str | None, settings: Settings) -> str:
 
 
 def build_config(
-    session: Session, settings: Settings, body: JobCreate, base_model: str, dataset: str
+    session: Session,
+    settings: Settings,
+    body: JobCreate,
+    base_model: str,
+    dataset: str,
+    *,
+    owner: str | None = None,
 ) -> dict[str, Any]:
     """The job's TrainConfig: the client's hyperparameters (validated with the request) plus the fields
     the server and the job own. Datasets are stored as references (see app.datasets), never paths."""
     hyper = body.hyperparameters
     eval_ref = None
     if hyper.eval_dataset:
-        eval_ref = datasets.reference(session, hyper.eval_dataset, field=datasets.EVAL_FIELD)
+        eval_ref = datasets.reference(session, hyper.eval_dataset, field=datasets.EVAL_FIELD, owner=owner)
     owned: dict[str, Any] = {
         "base_model": base_model,
         "dataset": dataset,
@@ -114,20 +122,20 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict[str, Any]:
     """Jobs, newest first, optionally only those in one status."""
-    page = queue.list_jobs(session, status=status_, after=after, limit=limit)
+    page = queue.list_jobs(session, status=status_, after=after, limit=limit, owner=owner_of(_key))
     return page.as_page([job_public(session, job) for job in page.rows])
 
 
 @router.get("/{job_id}", response_model=JobPublic)
 def get_job(job_id: str, session: SessionDep, _key: ReadKey) -> JobPublic:
     """A job's status, progress, latest losses, speed, ETA, queue position, error or adapter."""
-    return job_public(session, queue.get_job(session, job_id))
+    return job_public(session, queue.get_job(session, job_id, owner=owner_of(_key)))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
 def cancel_job(job_id: str, session: WriteSessionDep, _key: TrainKey) -> JobPublic:
     """Cancel: a queued job at once; a running one within seconds, keeping its checkpoints."""
-    return job_public(session, queue.request_cancel(session, job_id))
+    return job_public(session, queue.request_cancel(session, job_id, owner=owner_of(_key)))
 
 
 @router.get("/{job_id}/events", response_model=Page[JobEventPublic])
@@ -135,19 +143,19 @@ def job_events(
     job_id: str,
     session: SessionDep,
     _key: ReadKey,
-    after: Annotated[int, Query(ge=0, description="Last event id already seen.")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_EVENT_ID, description="Last event id already seen.")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     kind: Annotated[str | None, Query(pattern="^(log|metrics|eval|checkpoint|status)$")] = None,
 ) -> dict[str, Any]:
     """Log lines, per-step metrics, checkpoints and status changes, oldest first."""
-    queue.get_job(session, job_id)
+    queue.get_job(session, job_id, owner=owner_of(_key))
     return queue.list_events(session, job_id, after=after, limit=limit, kind=kind).as_page()
 
 
 @router.get("/{job_id}/checkpoints", response_model=Page[CheckpointPublic])
 def job_checkpoints(job_id: str, session: SessionDep, settings: SettingsDep, _key: ReadKey) -> dict[str, Any]:
     """The checkpoints on disk (the trainer may rotate old ones), with the metrics logged at their step."""
-    queue.get_job(session, job_id)
+    queue.get_job(session, job_id, owner=owner_of(_key))
     found = list_checkpoints(settings, job_id)
     metrics = queue.metrics_at(session, job_id, [step for step, _ in found])
     data = [
@@ -193,6 +201,7 @@ def job_public(session: Session, job: Job) -> JobPublic:
         backend=job.backend,
         attempts=job.attempts,
         max_attempts=job.max_attempts,
+        lost_attempts=job.lost_attempts or 0,
         cancel_requested=job.cancel_requested,
         error=error,
         adapter_id=job.adapter_id,

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session
 
-from app.api.deps import SessionDep, SettingsDep, require_scope, resolve_adapter
+from app.api.deps import GenerateKey, SessionDep, SettingsDep, generate_scope, owner_of, resolve_adapter
 from app.api.metrics import observe_generation
 from app.exceptions import InvalidInput, NotFound, ServiceError
 from app.inference import service
@@ -74,12 +74,12 @@ class OpenAIRoute(APIRoute):
 
 
 router = APIRouter(
-    prefix="/v1", tags=["openai"], route_class=OpenAIRoute, dependencies=[Depends(require_scope("generate"))]
+    prefix="/v1", tags=["openai"], route_class=OpenAIRoute, dependencies=[Depends(generate_scope)]
 )
 
 
 @router.get("/models")
-async def list_models(request: Request, session: SessionDep) -> dict[str, Any]:
+async def list_models(request: Request, session: SessionDep, key: GenerateKey) -> dict[str, Any]:
     """The base model and every adapter, as OpenAI model objects."""
     from app.registry import list_adapters
 
@@ -87,7 +87,7 @@ async def list_models(request: Request, session: SessionDep) -> dict[str, Any]:
     data = [{"id": base, "object": "model", "created": 0, "owned_by": "base"}]
     after: str | None = None
     while True:
-        page = list_adapters(session, after=after, limit=100)
+        page = list_adapters(session, after=after, limit=100, owner=owner_of(key))
         data += [_model_object(a.name, unix_time(a.created_at), base) for a in page.rows]
         if not page.has_more:
             break
@@ -108,7 +108,11 @@ def _model_object(name: str, created: float, base: str) -> dict[str, Any]:
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, session: SessionDep, settings: SettingsDep
+    body: ChatCompletionRequest,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    key: GenerateKey,
 ) -> dict[str, Any] | StreamingResponse:
     """Chat completion with `reasoning_effort` honoured and the reasoning in `reasoning_content`."""
     engine = await service.ready_engine(request.app.state.engine)
@@ -124,7 +128,7 @@ async def chat_completions(
             top_p=body.top_p,
             seed=body.seed,
         ),
-        adapter=_adapter_for_model(session, engine, body.model),
+        adapter=_adapter_for_model(session, engine, body.model, owner_of(key)),
         stop=list(body.stop or []),
     )
     session.close()  # release the connection before the (long) generation
@@ -138,11 +142,11 @@ async def chat_completions(
     return _completion_body(assembler.completion, meta)
 
 
-def _adapter_for_model(session: Session, engine: Engine, model: str) -> AdapterSpec | None:
+def _adapter_for_model(session: Session, engine: Engine, model: str, owner: str | None) -> AdapterSpec | None:
     if model == engine.base_model_id:
         return None
     try:
-        return resolve_adapter(session, engine, model)
+        return resolve_adapter(session, engine, model, owner=owner)
     except NotFound:
         raise NotFound(
             f"model {model!r} does not exist; GET /v1/models lists the base and every adapter", field="model"

@@ -15,7 +15,7 @@ from fastapi.responses import Response
 from sqlalchemy.orm import Session
 
 from app import queue
-from app.api.deps import ReadKey, SessionDep
+from app.api.deps import ReadKey, SessionDep, owner_of
 from app.models import Job
 
 router = APIRouter(tags=["jobs"])
@@ -105,7 +105,7 @@ def _title(job: Job) -> str:
 )
 def job_loss_png(job_id: str, session: SessionDep, _key: ReadKey) -> Response:
     """The job's training (and eval) loss by step, as a PNG image."""
-    job = queue.get_job(session, job_id)
+    job = queue.get_job(session, job_id, owner=owner_of(_key))
     png = render_png(job, load_curve(session, job_id))
     # A running job's curve changes with every step; never let a browser show a stale one.
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
