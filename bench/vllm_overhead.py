@@ -189,6 +189,9 @@ def start_processes(args: argparse.Namespace, data_dir: Path) -> tuple[subproces
         "GPTOSS_AUTH": "none",
         "GPTOSS_RATE_LIMIT_PER_MINUTE": "0",
         "GPTOSS_MAX_CONCURRENT_GENERATIONS": "512",
+        # one client address sends every request: the per-client and in-flight limits would shed them
+        "GPTOSS_MAX_REQUESTS_IN_FLIGHT": "512",
+        "GPTOSS_MAX_REQUESTS_IN_FLIGHT_PER_CLIENT": "512",
         "GPTOSS_LOG_JSON": "false",
     }
     make_adapters(args, data_dir, env)
