@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
@@ -504,3 +505,61 @@ def test_the_engine_setting_picks_the_implementation(settings: Settings) -> None
         Settings(engine="vllm", data_dir=settings.data_dir)
     # In front of vLLM the API needs no GPU of its own, and 'auto' still means the real base model.
     assert Settings(base_model="auto", vllm_url=url).resolved_base_model() == "unsloth/gpt-oss-20b"
+
+
+def test_tokens_arriving_together_are_handed_over_and_streamed_as_one_delta() -> None:
+    """Tokens the engine thread hands over while the loop is busy reach the Assembler as one batch,
+    and their text as one delta per channel: the same text as token by token, fewer events."""
+    tokens = _harmony("step one, step two", "the answer")
+
+    async def run(together: bool) -> tuple[list[tuple[str, str]], Assembler]:
+        stream = TokenStream()
+        assembler = Assembler(stream, prompt_tokens=3, stop=["answer"])
+
+        def engine_thread() -> None:
+            for token in tokens[:-1]:
+                stream.put_token(token)
+            stream.finish("stop", len(tokens))
+
+        if together:
+            engine_thread()  # everything posted before the loop looks: one wake-up, one batch
+        else:
+            threading.Thread(target=engine_thread).start()
+        deltas = [(d.kind, d.text) async for d in assembler.deltas()]
+        return deltas, assembler
+
+    batched, assembler = asyncio.run(run(together=True))
+    assert batched == [("reasoning", "step one, step two"), ("content", "the ")]
+    done = assembler.completion
+    assert done is not None and (done.content, done.finish_reason) == ("the ", "stop")
+    # the stop string cut the content inside the batch: tokens after it are not counted
+    assert done.completion_tokens < len(tokens)
+    one_by_one, _ = asyncio.run(run(together=False))
+    for kind in ("reasoning", "content"):
+        assert "".join(t for k, t in one_by_one if k == kind) == "".join(t for k, t in batched if k == kind)
+
+
+def test_sse_events_split_anywhere_and_crlf_parse_the_same() -> None:
+    """vLLM's events parsed from the raw bytes: an event split across reads, CRLF line ends, and
+    several events in one read (handed on together) give the same events; an error event raises."""
+    from app.inference.vllm_engine import _sse_events
+
+    events = [{"choices": [{"token_ids": [i], "finish_reason": None}]} for i in range(5)]
+    body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+
+    async def parse(pieces: list[bytes]) -> list[list[dict[str, Any]]]:
+        async def stream() -> Any:
+            for piece in pieces:
+                yield piece
+
+        response = httpx.Response(200, content=stream())
+        return [batch async for batch in _sse_events(response)]
+
+    raw = body.encode()
+    split = asyncio.run(parse([raw[i : i + 7] for i in range(0, len(raw), 7)]))
+    crlf = asyncio.run(parse([body.replace("\n", "\r\n").encode()]))
+    assert [e for batch in split for e in batch] == events
+    assert crlf == [events]  # one read, one batch
+    error = b'data: {"error": {"message": "boom", "code": 500}}\n\n'
+    with pytest.raises(ServiceError, match="boom"):
+        asyncio.run(parse([error]))

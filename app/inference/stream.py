@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from app.ml.harmony import StreamDecoder
@@ -56,13 +56,19 @@ class _End:
 
 
 class TokenStream:
-    """A TokenSink whose tokens are read with `async for` on the loop that created it."""
+    """A TokenSink whose tokens are read with `async for` on the loop that created it.
+
+    Tokens are handed over in batches: the engine thread appends to a list and wakes the loop only
+    when no wake-up is pending, so under load one cross-thread call carries every token that arrived
+    since the loop last looked (at 64 streams, one wake-up per token was most of the API's cost)."""
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[int | _End] = asyncio.Queue()
+        self._queue: asyncio.Queue[list[int | _End]] = asyncio.Queue()
         self._cancel = threading.Event()
-        self._ended = threading.Lock()  # finish/fail take effect once, whichever thread comes first
+        self._lock = threading.Lock()  # the pending batch, and finish/fail taking effect once
+        self._pending: list[int | _End] = []
+        self._wake_pending = False
         self._is_ended = False
         self.end: _End | None = None
 
@@ -84,29 +90,49 @@ class TokenStream:
         """Ask the engine to stop this row at its next token (client gone, stop string seen)."""
         self._cancel.set()
 
-    async def tokens(self) -> AsyncIterator[int]:
-        """Yield token ids until the engine ends the row; raise its error if it failed."""
+    async def batches(self) -> AsyncIterator[list[int]]:
+        """Yield the token ids handed over so far, a list at a time (never empty), until the engine
+        ends the row; raise its error if it failed."""
         while True:
-            item = await self._queue.get()
-            if isinstance(item, _End):
-                self.end = item
-                if item.error is not None:
-                    raise item.error
+            items = await self._queue.get()
+            tokens = [t for t in items if not isinstance(t, _End)]
+            end = items[-1] if isinstance(items[-1], _End) else None
+            if tokens:
+                yield tokens  # type: ignore[misc]  # the _End was filtered out
+            if end is not None:
+                self.end = end
+                if end.error is not None:
+                    raise end.error
                 return
-            yield item
+
+    async def tokens(self) -> AsyncIterator[int]:
+        """Yield token ids one at a time until the engine ends the row; raise its error if it failed."""
+        async for batch in self.batches():
+            for token in batch:
+                yield token
 
     def _end(self, end: _End) -> None:
-        with self._ended:
+        with self._lock:
             if self._is_ended:
                 return
             self._is_ended = True
         self._post(end)
 
     def _post(self, item: int | _End) -> None:
+        with self._lock:
+            self._pending.append(item)
+            if self._wake_pending:
+                return  # the loop has not looked yet: it takes this one with the rest
+            self._wake_pending = True
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            self._loop.call_soon_threadsafe(self._hand_over)
         except RuntimeError:  # the loop is closed: nobody is listening any more
             self._cancel.set()
+
+    def _hand_over(self) -> None:
+        with self._lock:
+            items, self._pending, self._wake_pending = self._pending, [], False
+        self._queue.put_nowait(items)
 
 
 @dataclass
@@ -170,10 +196,11 @@ class Assembler:
         decoder, stops = StreamDecoder(), _StopFilter(self.stop)
         parts: dict[str, list[str]] = {"reasoning": [], "content": []}
         try:
-            async for token in self.stream.tokens():
+            async for batch in self.stream.batches():
                 first = first or time.monotonic()
-                self._received += 1
-                for delta in self._pieces(decoder.feed(token), stops):
+                # One delta per kind change, not per token: a batch is what arrived while the loop was
+                # busy, so under load the client gets fewer, longer deltas (the same text).
+                for delta in _merged(self._batch_pieces(batch, decoder, stops)):
                     parts[delta.kind].append(delta.text)
                     yield delta
                 if stops.hit:
@@ -187,6 +214,13 @@ class Assembler:
         self.completion = self._complete(parts, stops.hit, started, first)
         if self.on_complete is not None:
             self.on_complete(self.completion)
+
+    def _batch_pieces(self, batch: list[int], decoder: StreamDecoder, stops: _StopFilter) -> Iterator[Delta]:
+        for token in batch:
+            self._received += 1
+            yield from self._pieces(decoder.feed(token), stops)
+            if stops.hit:
+                return
 
     @staticmethod
     def _pieces(piece: tuple[str, str] | None, stops: _StopFilter) -> list[Delta]:
@@ -224,3 +258,14 @@ class Assembler:
             completion_tokens=generated,
             timings=timings,
         )
+
+
+def _merged(deltas: Iterable[Delta]) -> list[Delta]:
+    """Adjacent deltas of the same kind joined into one."""
+    out: list[Delta] = []
+    for delta in deltas:
+        if out and out[-1].kind == delta.kind:
+            out[-1] = Delta(delta.kind, out[-1].text + delta.text)
+        else:
+            out.append(delta)
+    return out

@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -252,6 +252,9 @@ class VllmEngine:
     # --- engine thread ---------------------------------------------------------------------------
 
     def _run_loop(self, started: threading.Event) -> None:
+        # httpx logs every request at INFO: one line per generation and per health check, which at
+        # 64 concurrent streams is log noise and CPU on the engine loop; its warnings still show.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         self._loop = loop
@@ -335,19 +338,23 @@ class VllmEngine:
                 if response.status_code != 200:
                     await response.aread()
                     raise _error_from_response(response, model)
-                async for chunk in _sse_events(response):
-                    choice = (chunk.get("choices") or [{}])[0]
-                    for token in choice.get("token_ids") or []:
-                        received += 1
-                        if token in stops:
-                            reason = "stop"
-                            break
-                        request.sink.put_token(int(token))
+                # An answered completion is proof of health: under load is_ready() (asked by every
+                # request) then never waits on a /health round trip from the routes' event loop.
+                self._healthy_until = time.monotonic() + 2.0
+                async for chunks in _sse_events(response):
+                    for chunk in chunks:
+                        choice = (chunk.get("choices") or [{}])[0]
+                        for token in choice.get("token_ids") or ():
+                            received += 1
+                            if token in stops:
+                                reason = "stop"
+                                break
+                            request.sink.put_token(int(token))
+                        if choice.get("finish_reason"):
+                            reason = _finish_reason(choice["finish_reason"], reason)
                     if request.sink.cancelled():  # closing the stream makes vLLM abort the request
                         request.sink.finish("cancelled", received)
                         return
-                    if choice.get("finish_reason"):
-                        reason = _finish_reason(choice["finish_reason"], reason)
         except httpx.TransportError as exc:
             raise _unreachable(self.url, exc) from exc
         self.stats["tokens"] += received
@@ -539,18 +546,32 @@ def completion_body(
     return body
 
 
-async def _sse_events(response: httpx.Response) -> Any:
-    """The JSON objects of a server-sent event stream, up to ``data: [DONE]``; an error event raises."""
-    async for line in response.aiter_lines():
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return
-        event = json.loads(data)
-        if "error" in event:
-            raise ServiceError(f"vLLM failed the generation: {_message_of(event)}; retry")
-        yield event
+async def _sse_events(response: httpx.Response) -> AsyncIterator[list[dict[str, Any]]]:
+    """The JSON objects of a server-sent event stream up to ``data: [DONE]``, a list per piece the
+    connection handed over (bytes split by hand: httpx's line iterator decodes and re-splits every
+    chunk, which cost more than the JSON at one token per chunk); an error event raises."""
+    buffer = b""
+    async for raw in response.aiter_bytes():
+        buffer += raw
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        *complete, buffer = buffer.split(b"\n\n")
+        events: list[dict[str, Any]] = []
+        for block in complete:
+            for line in block.split(b"\n"):
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    if events:
+                        yield events
+                    return
+                event = json.loads(data)
+                if "error" in event:
+                    raise ServiceError(f"vLLM failed the generation: {_message_of(event)}; retry")
+                events.append(event)
+        if events:
+            yield events
 
 
 def _finish_reason(vllm_reason: str, seen: str) -> str:
