@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from app.config import Settings
+from app.exceptions import Busy
 from app.inference.gpu_release import GpuReleasePolicy, TrainingProbe
 from app.inference.types import AdapterSpec, SamplingParams, TokenSink
 
@@ -85,3 +86,20 @@ def create_engine(settings: Settings, *, training_probe: TrainingProbe | None = 
     from app.inference.engine import InferenceEngine
 
     return InferenceEngine(settings, gpu_release=release)
+
+
+def busy_training(settings: Settings) -> Busy:
+    """The 503 while a training job has the GPU (release_gpu_during_training), for either engine."""
+    return Busy(
+        "a training job is using the GPU (release_gpu_during_training); generation resumes when it ends",
+        retry_after=int(max(settings.release_poll_s, 1) * 5),
+    )
+
+
+def busy_full(settings: Settings) -> Busy:
+    """The 503 past max_concurrent_generations requests queued or running, for either engine."""
+    return Busy(
+        f"{settings.max_concurrent_generations} generations are already queued or running "
+        "(max_concurrent_generations); retry shortly",
+        retry_after=1,
+    )

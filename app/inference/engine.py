@@ -21,6 +21,7 @@ from typing import Any
 from app.config import Settings
 from app.exceptions import Busy, ServiceError
 from app.inference.adapters import AdapterCache, _free_memory, check_adapter_files
+from app.inference.base import busy_full, busy_training
 from app.inference.decoding import Row, decode_batch
 from app.inference.gpu_release import GpuReleasePolicy
 from app.inference.types import AdapterSpec, SamplingParams, TokenSink
@@ -396,10 +397,7 @@ class InferenceEngine:
         self.stats["reloads"] += 1
 
     def _busy_training(self) -> Busy:
-        return Busy(
-            "a training job is using the GPU (release_gpu_during_training); generation resumes when it ends",
-            retry_after=int(max(self.settings.release_poll_s, 1) * 5),
-        )
+        return busy_training(self.settings)
 
     # --- helpers ---------------------------------------------------------------------------------
 
@@ -412,11 +410,7 @@ class InferenceEngine:
         if self._released:
             raise self._busy_training()
         if self._in_flight >= self.settings.max_concurrent_generations:
-            raise Busy(
-                f"{self.settings.max_concurrent_generations} generations are already queued or running "
-                "(max_concurrent_generations); retry shortly",
-                retry_after=1,
-            )
+            raise busy_full(self.settings)
 
     def _fail_pending(self, error: BaseException) -> None:
         with self._cond:

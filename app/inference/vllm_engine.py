@@ -39,6 +39,7 @@ import httpx
 
 from app.config import Settings
 from app.exceptions import Busy, Conflict, InvalidInput, NotFound, ServiceError
+from app.inference.base import busy_full, busy_training
 from app.inference.gpu_release import GpuReleasePolicy
 from app.inference.types import AdapterSpec, SamplingParams, TokenSink
 
@@ -213,11 +214,7 @@ class VllmEngine:
             if self._asleep:
                 raise self._busy_training()
             if self._in_flight >= self.settings.max_concurrent_generations:
-                raise Busy(
-                    f"{self.settings.max_concurrent_generations} generations are already queued or running "
-                    "(max_concurrent_generations); retry shortly",
-                    retry_after=1,
-                )
+                raise busy_full(self.settings)
             self._in_flight += 1
         request = _Request(prompt_ids, params, sink, adapter)
         asyncio.run_coroutine_threadsafe(self._serve(request), loop)
@@ -515,10 +512,7 @@ class VllmEngine:
                 log.exception("could not follow the training state")
 
     def _busy_training(self) -> Busy:
-        return Busy(
-            "a training job is using the GPU (release_gpu_during_training); generation resumes when it ends",
-            retry_after=int(max(self.settings.release_poll_s, 1) * 5),
-        )
+        return busy_training(self.settings)
 
 
 # --- request / response mapping --------------------------------------------------------------------
