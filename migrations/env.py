@@ -31,6 +31,12 @@ def run_migrations_online() -> None:
     engine = make_engine(settings)
     try:
         with engine.connect() as connection, migration_lock(connection):
+            if connection.dialect.name == "sqlite":
+                # Batch mode rebuilds a table (copy, DROP, rename): with foreign keys on, that DROP would
+                # cascade (job_events deleted, references set to NULL). SQLite ignores this pragma inside
+                # a transaction, so it goes to the driver before the migration's BEGIN; the connection
+                # is closed with the engine afterwards, so no other work sees it off.
+                connection.connection.driver_connection.execute("PRAGMA foreign_keys = OFF")
             # render_as_batch: SQLite cannot ALTER most things; batch mode rebuilds the table instead.
             context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
             with context.begin_transaction():

@@ -44,6 +44,38 @@ def test_upgrade_to_head_then_downgrade_to_empty(svc_settings: Settings) -> None
 
 
 @ON_BOTH_DATABASES
+def test_a_downgrade_and_upgrade_keep_the_rows(svc_settings: Settings) -> None:
+    """Table rebuilds on the way down (SQLite's batch mode) must not cascade through the foreign keys:
+    a job keeps its events and its file, an adapter its job."""
+    from app import queue
+    from app.models import Adapter, FileRecord, JobEvent
+
+    upgrade_to_head(svc_settings)
+    engine = make_engine(svc_settings)
+    with Session(engine) as session:
+        record = FileRecord(
+            filename="a.jsonl", purpose="fine-tune", bytes=1, rows=1, sha256="0" * 64, path="/x"
+        )
+        session.add(record)
+        session.commit()
+        new = queue.NewJob(
+            base_model="b", dataset=record.id, file_id=record.id, config={"dataset": record.id}
+        )
+        job, _ = queue.create_job(session, new)
+        session.add(Adapter(name="a", base_model="b", path="/a", job_id=job.id, manifest={}))
+        session.commit()
+        job_id, file_id = job.id, record.id
+    engine.dispose()
+    downgrade_to(svc_settings, "0003")
+    upgrade_to_head(svc_settings)
+    with Session(engine) as session:
+        assert session.scalar(select(Job.file_id).where(Job.id == job_id)) == file_id
+        assert session.scalars(select(JobEvent.message).where(JobEvent.job_id == job_id)).all() == ["queued"]
+        assert session.scalar(select(Adapter.job_id)) == job_id
+    engine.dispose()
+
+
+@ON_BOTH_DATABASES
 def test_processes_starting_together_all_migrate_safely(svc_settings: Settings) -> None:
     """API and workers run `upgrade head` at start, and an operator may run `alembic upgrade head` at
     the same moment: all take the same migration lock, so all four succeed (none dies of a locked
