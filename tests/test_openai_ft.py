@@ -324,9 +324,12 @@ def test_status_and_log_events_are_messages() -> None:
 
 def test_event_cursor_round_trips() -> None:
     assert native_event_id(None) is None and native_event_id("ftevent-42") == 42
-    with pytest.raises(InvalidInput) as err:
-        native_event_id("ftjob_1")
-    assert err.value.field == "after"
+    # Another object's id, digits int() refuses, and a number past the databases' bigint: a 400 on
+    # `after`, never a 500 from the driver.
+    for bad in ("ftjob_1", "ftevent-\u00b2", "ftevent-99999999999999999999999"):
+        with pytest.raises(InvalidInput) as err:
+            native_event_id(bad)
+        assert err.value.field == "after"
 
 
 def checkpoint(step: int, loss: float | None = 1.0) -> CheckpointPublic:
@@ -353,6 +356,9 @@ def test_checkpoints_page_newest_first_with_openais_fields() -> None:
     with pytest.raises(InvalidInput) as err:
         checkpoints_page("ftjob_0123", found, after="ftckpt_9999_4", limit=2)  # another job's id
     assert err.value.field == "after"
+    for bad in ("ftckpt_0123_\u00b2", "ftckpt_0123_99999999999999999999999"):
+        with pytest.raises(InvalidInput):
+            checkpoints_page("ftjob_0123", found, after=bad, limit=2)
 
 
 def test_checkpoint_without_logged_metrics() -> None:

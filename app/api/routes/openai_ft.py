@@ -37,6 +37,7 @@ from app.api.routes.openai_compat import OpenAIRoute, unix_time
 from app.api.routes.openai_compat import _model_object as model_object
 from app.exceptions import InvalidInput, NotFound, ServiceError
 from app.ml.train_config import Hyperparameters
+from app.pagination import MAX_EVENT_ID
 from app.schemas import CheckpointPublic, FilePublic, JobCreate, JobEventPublic, JobPublic
 
 T = TypeVar("T")
@@ -460,12 +461,20 @@ def native_event_id(after: str | None) -> int | None:
     """The native event id for an OpenAI `after` (None: from the newest)."""
     if after is None:
         return None
-    number = after.removeprefix("ftevent-")
-    if not number.isdigit():
+    number = _cursor_number(after.removeprefix("ftevent-"))
+    if number is None:
         raise InvalidInput(
             "after", f"must be an event id like ftevent-42 from an earlier page; got {after!r}"
         )
-    return int(number)
+    return number
+
+
+def _cursor_number(text: str) -> int | None:
+    """A cursor's number, or None: ASCII digits only (str.isdigit also takes '²', which int() refuses),
+    at most MAX_EVENT_ID (the databases' bigint; a larger one would fail in the driver)."""
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_EVENT_ID:
+        return None
+    return int(text)
 
 
 def checkpoint_object(job_id: str, checkpoint: CheckpointPublic) -> FineTuningJobCheckpoint:
@@ -493,10 +502,10 @@ def checkpoints_page(
     newest = sorted(found, key=lambda c: c.step, reverse=True)
     if after is not None:
         prefix = checkpoint_id(job_id, 0)[:-1]
-        step = after.removeprefix(prefix)
-        if not after.startswith(prefix) or not step.isdigit():
+        step = _cursor_number(after.removeprefix(prefix))
+        if not after.startswith(prefix) or step is None:
             raise InvalidInput("after", f"must be a checkpoint id of this job like {prefix}10; got {after!r}")
-        newest = [c for c in newest if c.step < int(step)]
+        newest = [c for c in newest if c.step < step]
     return id_listing([checkpoint_object(job_id, c) for c in newest[:limit]], len(newest) > limit)
 
 
