@@ -470,7 +470,12 @@ def record_step(session: Session, job_id: str, worker_id: str, attempt: int, met
         values["train_loss"] = train_loss
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.worker_id == worker_id)
+        .where(
+            Job.id == job_id,
+            Job.status == JobStatus.RUNNING,
+            Job.worker_id == worker_id,
+            Job.attempts == attempt,  # the same fence as owns(): a taken-over attempt records nothing
+        )
         .values(updated_at=utcnow(), **values),
         execution_options={"synchronize_session": False},
     )

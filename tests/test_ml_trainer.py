@@ -122,6 +122,35 @@ def test_stop_saves_a_checkpoint_and_resume_continues(models_dir: Path, tmp_path
     assert [m["step"] for m in evals] == [6] and done.metrics["eval_loss"] == evals[0]["eval_loss"]
 
 
+class FencedHooks(RecordingHooks):
+    """A worker's child whose attempt is taken over: from the start (None), or right after its
+    checkpoint of step `lost_after` was written."""
+
+    def __init__(self, lost_after: int | None) -> None:
+        super().__init__()
+        self.lost_after = lost_after
+
+    def may_save(self) -> bool:
+        if self.lost_after is None:
+            return False
+        return not any(step >= self.lost_after for step, _ in self.checkpoints)
+
+
+@pytest.mark.parametrize(("lost_after", "kept"), [(None, []), (3, ["checkpoint-2", "checkpoint-3"])])
+def test_a_fenced_attempt_writes_no_checkpoint_and_no_adapter(
+    models_dir: Path, tmp_path: Path, lost_after: int | None, kept: list[str]
+) -> None:
+    """Taken over before its first save (step 2): it stops there without saving. Taken over after its
+    last checkpoint (step 3), before the adapter is written: the checkpoints stay, the adapter is not
+    written (the new owner writes it)."""
+    cfg = TrainConfig(**{**_fixture_cfg(), "max_steps": 3, "save_steps": 2, "per_device_train_batch_size": 2})
+    hooks = FencedHooks(lost_after)
+    work, out = tmp_path / "w", tmp_path / "a"
+    result = train(cfg, work_dir=work, output_dir=out, hooks=hooks, models_dir=models_dir)
+    assert result.stopped and result.adapter_dir is None and not out.exists()
+    assert sorted(p.name for p in (work / "checkpoints").glob("checkpoint-*")) == kept
+
+
 def _fixture_cfg() -> dict:
     from tests.fixtures_ml import FIXTURE_TRAIN
 

@@ -161,6 +161,10 @@ def test_resumed_steps_replace_the_abandoned_attempts_records(svc_settings: Sett
         session.execute(update(Job).values(worker_id="w2", attempts=2))
         session.commit()
         assert queue.record_step(session, job_id, "w2", 2, {"step": 3, "loss": 0.3})
+        # The same worker's earlier attempt (its child outlived the takeover) records nothing more.
+        session.execute(update(Job).values(worker_id="w1"))
+        session.commit()
+        assert not queue.record_step(session, job_id, "w1", 1, {"step": 3, "loss": 0.9})
         events = queue.list_events(session, job_id, after=0, limit=100, kind="metrics").rows
         assert [(e.step, e.attempt) for e in events] == [(1, 1), (2, 1), (3, 2)]
         assert queue.get_job(session, job_id).train_loss == 0.3

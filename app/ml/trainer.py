@@ -567,6 +567,13 @@ def train(
     if callback.stopped:
         hooks.on_log(f"stopped at step {result.global_step}; checkpoint kept for resume")
         return result
+    may_save = getattr(hooks, "may_save", None)
+    if may_save is not None and not may_save():  # taken over after the last step: the adapter is theirs
+        hooks.on_log(
+            f"not writing the adapter: this attempt no longer owns the job (step {result.global_step})"
+        )
+        result.stopped = True
+        return result
     result.manifest = _manifest(cfg, loaded, model, data, metrics)
     result.adapter_dir = write_adapter(model, loaded.tokenizer, result.manifest, output_dir)
     hooks.on_log(f"adapter written to {result.adapter_dir}")
