@@ -317,8 +317,7 @@ class VllmEngine:
                 await self._stream(request, adapter.id)
             except _NotLoaded:  # vLLM restarted and forgot it: load again, once
                 self.stats["reloads_after_404"] += 1
-                self._forget(adapter.id)
-                await self._ensure_loaded(adapter, pin=True)
+                await self._reload(adapter)
                 await self._stream(request, adapter.id)
         finally:
             self._unpin(adapter.id)
@@ -376,6 +375,17 @@ class VllmEngine:
             with self._lock:
                 self._resident[adapter.id] = _Resident(adapter, in_flight=int(pin))
         log.info("adapter loaded in vLLM", extra={"adapter_id": adapter.id, "s": self.stats["last_load_s"]})
+
+    async def _reload(self, adapter: AdapterSpec) -> None:
+        """Register the adapter in vLLM again, keeping our entry and its pins: several requests that
+        met the same 404 each reload (vLLM answers the later ones 'already loaded'), and none of them
+        may drop the pins of the others, or eviction could take it from under them."""
+        async with self._load_locks.setdefault(adapter.id, asyncio.Lock()):
+            await self._post_load(adapter)
+            with self._lock:
+                if adapter.id not in self._resident:  # unloaded meanwhile (DELETE /adapters): ours again
+                    self._resident[adapter.id] = _Resident(adapter, in_flight=1)
+                self._resident.move_to_end(adapter.id)
 
     async def _post_load(self, adapter: AdapterSpec) -> None:
         # vLLM reads the folder itself: it mounts the data volume at the same path (docker-compose.yml).
