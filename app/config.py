@@ -177,7 +177,13 @@ class Settings(BaseSettings):
     worker_poll_s: float = Field(1.0, gt=0, description="How often an idle worker looks for a job.")
     heartbeat_s: float = Field(5.0, gt=0, description="Worker heartbeat interval.")
     lease_s: float = Field(60.0, gt=0, description="A job whose heartbeat is older than this is requeued.")
-    max_attempts: int = Field(3, ge=1, description="Attempts per job before it is failed.")
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        description="Attempts per job that may fail by themselves (a training error, a crash of the training "
+        "process) before the job is failed; each retry resumes from the last checkpoint. A bad dataset or "
+        "config fails at once; lost attempts count against max_lost_attempts instead.",
+    )
     max_lost_attempts: int = Field(
         30,
         ge=1,

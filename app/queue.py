@@ -397,6 +397,38 @@ def finish_failed(session: Session, job_id: str, worker_id: str, *, code: str, m
     session.commit()
 
 
+# Failures that may not recur (a CUDA or driver error, a crash of the training process): retried from
+# the last checkpoint while the job has attempts left. Any other code is the job's input or config,
+# which a retry would only fail the same way.
+RETRYABLE_FAILURES = frozenset({"training_error", "child_crashed"})
+
+
+def fail_or_retry(session: Session, job_id: str, worker_id: str, *, code: str, message: str) -> str:
+    """A failure of the job itself: queued again while it has failed fewer than `max_attempts` times
+    (lost attempts, counted apart, do not count) and the failure may not recur; else failed. Returns
+    the new status."""
+    job = get_job(session, job_id)
+    failed = job.attempts - job.lost_attempts  # this attempt included
+    if code not in RETRYABLE_FAILURES or failed >= job.max_attempts or job.cancel_requested:
+        finish_failed(session, job_id, worker_id, code=code, message=message)
+        return JobStatus.FAILED
+    _transition(
+        session,
+        job_id,
+        [JobStatus.RUNNING],
+        owner=worker_id,
+        status=JobStatus.QUEUED,
+        worker_id=None,
+        lease_until=None,
+    )
+    retry = f"failed attempt {failed} of at most {job.max_attempts}; will resume from the last checkpoint"
+    add_event(
+        session, job_id, "status", message=f"queued again: {code}: {message}; {retry}", attempt=job.attempts
+    )
+    session.commit()
+    return JobStatus.QUEUED
+
+
 def finish_cancelled(session: Session, job_id: str, worker_id: str) -> None:
     _transition(
         session,

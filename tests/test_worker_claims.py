@@ -205,3 +205,40 @@ def test_a_locked_database_does_not_cost_a_running_job_its_lease(
     assert worker._beat(job, seen) is False and not seen.lost  # the next tick renews the lease
     with make_sessionmaker(worker.db)() as session:
         assert queue.get_job(session, job_id).status == "running"
+
+
+@ON_BOTH_DATABASES
+def test_failures_of_the_job_itself_are_retried_up_to_max_attempts(svc_settings: Settings) -> None:
+    """A training error is retried (resuming from the checkpoint) until max_attempts attempts failed;
+    lost attempts do not count; a bad config fails at once."""
+    upgrade_to_head(svc_settings)
+    flaky, bad = _new_jobs(svc_settings, 2, max_attempts=2)
+    engine = make_engine(svc_settings)
+    sessions = make_sessionmaker(engine)
+
+    def claim(job_id: str) -> None:
+        job = queue.claim_next(engine, "w1", 60)
+        assert job is not None and job.id == job_id
+
+    claim(flaky)
+    with sessions() as session:
+        assert (
+            queue.fail_or_retry(session, flaky, "w1", code="training_error", message="CUDA error") == "queued"
+        )
+    claim(flaky)
+    with sessions() as session:  # a lost attempt between the two failures is not the job's
+        assert queue.requeue_lost(session, flaky, "w1", 30, "killed by SIGKILL") == "queued"
+    claim(flaky)
+    with sessions() as session:
+        assert queue.fail_or_retry(session, flaky, "w1", code="training_error", message="again") == "failed"
+        job = queue.get_job(session, flaky)
+        assert (job.attempts, job.lost_attempts, job.error_code) == (3, 1, "training_error")
+        messages = [
+            e.message for e in queue.list_events(session, flaky, after=0, limit=50, kind="status").rows
+        ]
+        assert any("failed attempt 1 of at most 2" in (m or "") for m in messages)
+    claim(bad)
+    with sessions() as session:
+        assert (
+            queue.fail_or_retry(session, bad, "w1", code="invalid_job", message="no such module") == "failed"
+        )

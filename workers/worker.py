@@ -247,7 +247,7 @@ class Worker:
         if status == JobStatus.SUCCEEDED:
             self._succeed(session, job, result)
         elif status == JobStatus.FAILED:
-            queue.finish_failed(
+            queue.fail_or_retry(
                 session, job.id, self.worker_id, code=result["code"], message=result["message"]
             )
         elif seen.cancel or queue.cancel_requested(session, job.id):
@@ -266,7 +266,7 @@ class Worker:
                 )
                 log.warning("job %s: %s; now %s", job.id, message, now)
                 return
-            queue.finish_failed(session, job.id, self.worker_id, code=code, message=message)
+            queue.fail_or_retry(session, job.id, self.worker_id, code=code, message=message)
 
     def _succeed(self, session: Session, job: Job, result: dict[str, Any]) -> None:
         """The adapter folder is in place (the trainer renamed it there): now the row, then the job."""
