@@ -412,20 +412,8 @@ def fail_or_retry(session: Session, job_id: str, worker_id: str, *, code: str, m
     if code not in RETRYABLE_FAILURES or failed >= job.max_attempts or job.cancel_requested:
         finish_failed(session, job_id, worker_id, code=code, message=message)
         return JobStatus.FAILED
-    _transition(
-        session,
-        job_id,
-        [JobStatus.RUNNING],
-        owner=worker_id,
-        status=JobStatus.QUEUED,
-        worker_id=None,
-        lease_until=None,
-    )
     retry = f"failed attempt {failed} of at most {job.max_attempts}; will resume from the last checkpoint"
-    add_event(
-        session, job_id, "status", message=f"queued again: {code}: {message}; {retry}", attempt=job.attempts
-    )
-    session.commit()
+    _back_to_queue(session, job_id, worker_id, f"{code}: {message}; {retry}", attempt=job.attempts)
     return JobStatus.QUEUED
 
 
@@ -445,6 +433,13 @@ def finish_cancelled(session: Session, job_id: str, worker_id: str) -> None:
 
 def release(session: Session, job_id: str, worker_id: str, reason: str) -> None:
     """Hand a running job back to the queue (worker shutting down). Not counted as a failed attempt."""
+    _back_to_queue(session, job_id, worker_id, reason, attempts=Job.attempts - 1)
+
+
+def _back_to_queue(
+    session: Session, job_id: str, worker_id: str, reason: str, *, attempt: int = 0, **values: Any
+) -> None:
+    """`worker_id`'s running job goes back to the queue, to resume from its last checkpoint."""
     _transition(
         session,
         job_id,
@@ -453,9 +448,9 @@ def release(session: Session, job_id: str, worker_id: str, reason: str) -> None:
         status=JobStatus.QUEUED,
         worker_id=None,
         lease_until=None,
-        attempts=Job.attempts - 1,
+        **values,
     )
-    add_event(session, job_id, "status", message=f"queued again: {reason}")
+    add_event(session, job_id, "status", message=f"queued again: {reason}", attempt=attempt)
     session.commit()
 
 
