@@ -181,8 +181,9 @@ def upload(client: httpx.Client, rows_path: Path) -> dict[str, Any]:
     return dict(resp.json())
 
 
-def submit_job(client: httpx.Client, args: argparse.Namespace, file_id: str) -> dict[str, Any]:
-    hyper = {
+def job_hyperparameters(args: argparse.Namespace, save_steps: int) -> dict[str, Any]:
+    """The benchmark jobs' training options, from the command line's steps, batch, length and rank."""
+    return {
         "max_steps": args.steps,
         "per_device_train_batch_size": args.batch,
         "gradient_accumulation_steps": 1,
@@ -190,8 +191,12 @@ def submit_job(client: httpx.Client, args: argparse.Namespace, file_id: str) -> 
         "lora_r": args.rank,
         "lora_alpha": 2 * args.rank,
         "warmup_steps": 2,
-        "save_steps": max(args.steps // 2, 1),
+        "save_steps": save_steps,
     }
+
+
+def submit_job(client: httpx.Client, args: argparse.Namespace, file_id: str) -> dict[str, Any]:
+    hyper = job_hyperparameters(args, save_steps=max(args.steps // 2, 1))
     body = {"dataset": file_id, "suffix": "e2e", "hyperparameters": hyper}
     resp = client.post("/jobs", json=body)
     resp.raise_for_status()

@@ -30,7 +30,7 @@ import httpx
 
 from bench.common import run_header, write_json
 from bench.data import uneven_rows, write_jsonl
-from bench.gpu_e2e import ROOT, TERMINAL, free_port, service_env, upload
+from bench.gpu_e2e import ROOT, TERMINAL, free_port, job_hyperparameters, service_env, upload
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,16 +103,8 @@ class Service:
 
 
 def submit(client: httpx.Client, args: argparse.Namespace, file_id: str, name: str) -> str:
-    hyper = {
-        "max_steps": args.steps,
-        "per_device_train_batch_size": args.batch,
-        "gradient_accumulation_steps": 1,
-        "max_seq_length": args.seq,
-        "lora_r": args.rank,
-        "lora_alpha": 2 * args.rank,
-        "warmup_steps": 2,
-        "save_steps": args.steps,  # one checkpoint, at the end: no save inside the timed steps
-    }
+    # One checkpoint, at the end: no save inside the timed steps.
+    hyper = job_hyperparameters(args, save_steps=args.steps)
     # One seed: the same rows in the same order for every job.
     body = {"dataset": file_id, "suffix": name, "seed": 7, "hyperparameters": hyper}
     return str(client.post("/jobs", json=body).raise_for_status().json()["id"])
