@@ -4,7 +4,8 @@ Scenarios (greedy, a ~256-token harmony prompt, 128 new tokens each): one reques
 32 and 64 concurrent requests spread over 4 adapters (one mixed batch in vLLM); time to first token;
 and the time from a job's success (its adapter registered) to the adapter's first answer, loaded on
 first use as the API does (and, for comparison, loaded beforehand). Every shape is run once before it is
-measured: vLLM compiles a Triton kernel for a new batch shape on first sight.
+measured: vLLM compiles a Triton kernel for a new batch shape on first sight. Then every scenario runs
+`--repeats` times, vLLM direct and our API back to back each time; the median run of each is kept.
 
     python bench/vllm_bench.py --vllm-url http://127.0.0.1:8001 --api-url http://127.0.0.1:8000 \
         --adapters ad_a0,ad_a1,ad_a2,ad_a3 --fresh ad_a4=/tmp/ad/a4,ad_a5=/tmp/ad/a5 --out r.json
@@ -79,7 +80,7 @@ async def api_request(
     body = {"prompt": PROMPT, "max_new_tokens": new_tokens, "temperature": 0.0, "stream": True}
     if adapter:
         body["adapter"] = adapter
-    start, first, tokens, server_first = time.monotonic(), None, 0, None
+    start, first, tokens, timings = time.monotonic(), None, 0, None
     async with client.stream("POST", "/generate", json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"API {response.status_code}: {(await response.aread())[:300]!r}")
@@ -88,23 +89,32 @@ async def api_request(
                 first = time.monotonic()
             elif event["type"] == "done":
                 tokens = event["usage"]["completion_tokens"]
-                server_first = event["timings"]["first_token_ms"] / 1000
+                timings = event["timings"]
             elif event["type"] == "error":
                 raise RuntimeError(f"API error event: {event['error']}")
-    # A random-weight model's tokens are no harmony message, so the parser has no text to stream before
-    # the end and `first` (the first delta) is the end; the API's own first-token time says more.
-    result = {"start": start, "first": first or time.monotonic(), "end": time.monotonic(), "tokens": tokens}
-    if server_first is not None:
-        result["server_first"] = server_first
+    end = time.monotonic()
+    result = {"start": start, "end": end, "tokens": tokens}
+    if first is not None:
+        result["first"] = first
+    elif timings is not None:
+        # A random-weight model's tokens are no harmony message, so the parser has no text to stream
+        # before the end. The API's first token is then placed on this clock from its own timings
+        # (first_token_ms and total_ms are from the same start): send -> first token in the API.
+        result["first"] = end - timings["total_ms"] / 1000 + timings["first_token_ms"] / 1000
+        result["first_estimated"] = 1.0
+    if timings is not None:
+        result["server_first"] = timings["first_token_ms"] / 1000
     return result
 
 
-def summarise(results: list[dict[str, float]]) -> dict[str, float]:
+def summarise(results: list[dict[str, float]]) -> dict[str, Any]:
     wall = max(r["end"] for r in results) - min(r["start"] for r in results)
     ttft = [r["first"] - r["start"] for r in results]
     tokens = sum(r["tokens"] for r in results)
     server = [r["server_first"] for r in results if "server_first" in r]
-    extra = {"server_ttft_p50_s": round(statistics.median(server), 4)} if server else {}
+    extra: dict[str, Any] = {"server_ttft_p50_s": round(statistics.median(server), 4)} if server else {}
+    if any(r.get("first_estimated") for r in results):
+        extra["ttft_from"] = "the API's timings (no text streamed: random weights)"
     return {
         **extra,
         "requests": len(results),
@@ -116,30 +126,47 @@ def summarise(results: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
-async def scenario(run: Any, adapters: list[str], n: int) -> dict[str, float]:
+SCENARIOS = {"one_request_adapter": 1, "c32_over_4_adapters": 32, "c64_over_4_adapters": 64}
+
+
+async def scenario(run: Any, adapters: list[str], n: int) -> dict[str, Any]:
     return summarise(await asyncio.gather(*(run(adapters[i % len(adapters)]) for i in range(n))))
 
 
-async def measure(target: str, args: argparse.Namespace, ids: list[int]) -> dict[str, Any]:
-    url = args.vllm_url if target == "vllm" else args.api_url
+async def measure(args: argparse.Namespace, ids: list[int]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Every scenario `--repeats` times, vLLM direct and our API back to back each time (the same
+    minute of the same server for both sides of a ratio)."""
     limits = httpx.Limits(max_connections=256)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    async with (
+        httpx.AsyncClient(base_url=args.vllm_url, timeout=600, limits=limits) as vllm,
+        httpx.AsyncClient(base_url=args.api_url, timeout=600, limits=limits) as api,
+    ):
 
-        async def run(adapter: str, new_tokens: int = NEW_TOKENS) -> dict[str, float]:
-            if target == "vllm":
-                return await vllm_request(client, adapter, ids, new_tokens)
-            return await api_request(client, adapter, new_tokens)
+        def runner(target: str) -> Any:
+            async def run(adapter: str, new_tokens: int = NEW_TOKENS) -> dict[str, float]:
+                if target == "vllm_direct":
+                    return await vllm_request(vllm, adapter, ids, new_tokens)
+                return await api_request(api, adapter, new_tokens)
 
+            return run
+
+        runs = {"vllm_direct": runner("vllm_direct"), "our_api": runner("our_api")}
         adapters = args.adapters.split(",")
-        for n in (1, 32, 64):  # warm-up: every shape once, and every adapter loaded
-            await asyncio.gather(*(run(adapters[i % len(adapters)], 16) for i in range(n)))
-        out = {
-            "one_request_adapter": await scenario(run, adapters[:1], 1),
-            "c32_over_4_adapters": await scenario(run, adapters, 32),
-            "c64_over_4_adapters": await scenario(run, adapters, 64),
-        }
-        out["one_request_adapter_repeat"] = await scenario(run, adapters[:1], 1)
+        for run in runs.values():  # warm-up: every shape once, and every adapter loaded
+            for n in SCENARIOS.values():
+                await asyncio.gather(*(run(adapters[i % len(adapters)], 16) for i in range(n)))
+        out: dict[str, dict[str, list[dict[str, Any]]]] = {t: {s: [] for s in SCENARIOS} for t in runs}
+        for _ in range(args.repeats):
+            for name, n in SCENARIOS.items():
+                for target, run in runs.items():
+                    out[target][name].append(await scenario(run, adapters[: min(n, 4)], n))
         return out
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median tokens/s, and every run's tokens/s beside it."""
+    ranked = sorted(runs, key=lambda r: r["tokens_per_s"])
+    return {**ranked[len(ranked) // 2], "runs_tokens_per_s": [r["tokens_per_s"] for r in runs]}
 
 
 async def success_to_answer(args: argparse.Namespace) -> dict[str, Any]:
@@ -196,6 +223,7 @@ def main() -> None:
         help="id=path,... adapters neither registered nor loaded yet (for success-to-answer); "
         "registered here against the API's database (GPTOSS_DATA_DIR / GPTOSS_DATABASE_URL)",
     )
+    parser.add_argument("--repeats", type=int, default=3, help="runs of every scenario; the median is kept")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -205,12 +233,14 @@ def main() -> None:
         "label": args.label,
         "prompt_tokens": len(ids),
         "new_tokens": NEW_TOKENS,
+        "repeats": args.repeats,
     }
-    result["vllm_direct"] = asyncio.run(measure("vllm", args, ids))
-    result["our_api"] = asyncio.run(measure("api", args, ids))
+    runs = asyncio.run(measure(args, ids))
+    for target, scenarios in runs.items():
+        result[target] = {name: median_run(r) for name, r in scenarios.items()}
     result["api_over_direct"] = {
         k: round(result["our_api"][k]["tokens_per_s"] / result["vllm_direct"][k]["tokens_per_s"], 3)
-        for k in result["vllm_direct"]
+        for k in SCENARIOS
     }
     if args.fresh:
         result["success_to_answer"] = asyncio.run(success_to_answer(args))

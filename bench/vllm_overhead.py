@@ -61,8 +61,67 @@ def harmony_answer(n_tokens: int) -> list[int]:
     return [*head, *text[:half], *mid, *text[half:room], *tail]
 
 
-def fake_app(tokens: list[int]) -> Any:
+# vLLM's decode step on the H200 (random MXFP4 gpt-oss-20b, 4 rank-16 adapters, 2026-12-01 call 3):
+# the direct figures 176.8 / 2,783 / 4,865 tokens/s at 1 / 32 / 64 streams, as milliseconds per step
+# (every running stream gets one token a step); linear in between.
+H200_STEP_MS = ((1, 5.66), (32, 11.5), (64, 13.2))
+PREFILL_MS = 1.5  # added to a step per request that joins in it (chunked prefill of a short prompt)
+
+
+def step_ms(batch: int) -> float:
+    points = H200_STEP_MS
+    if batch <= points[0][0]:
+        return points[0][1]
+    for (b0, ms0), (b1, ms1) in zip(points, points[1:], strict=False):
+        if batch <= b1:
+            return ms0 + (ms1 - ms0) * (batch - b0) / (b1 - b0)
+    (b0, ms0), (b1, ms1) = points[-2], points[-1]
+    return ms1 + (ms1 - ms0) * (batch - b1) / (b1 - b0)
+
+
+class Stepper:
+    """A GPU stand-in: one decode step for every running stream at a time, each step as long as
+    vLLM's on the H200 for that batch, so a client that is late to read or to send costs wall time as
+    it does there (the unpaced fake streams as fast as the CPU allows, which measures CPU only)."""
+
+    def __init__(self) -> None:
+        self.waiting: list[asyncio.Queue[int]] = []
+        self.running: list[asyncio.Queue[int]] = []
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def join(self) -> asyncio.Queue[int]:
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self.run())
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        self.waiting.append(queue)
+        self.wake.set()
+        return queue
+
+    def leave(self, queue: asyncio.Queue[int]) -> None:
+        for group in (self.waiting, self.running):
+            if queue in group:
+                group.remove(queue)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_step = loop.time()
+        while True:
+            if not self.waiting and not self.running:
+                self.wake.clear()
+                await self.wake.wait()
+                next_step = loop.time()
+            joined, self.waiting = self.waiting, []
+            self.running += joined
+            next_step += (step_ms(len(self.running)) + PREFILL_MS * len(joined)) / 1000
+            await asyncio.sleep(max(0.0, next_step - loop.time()))
+            for queue in self.running:
+                queue.put_nowait(1)
+
+
+def fake_app(tokens: list[int], paced: bool = False) -> Any:
     stops = {200002, 200012}
+    stepper = Stepper() if paced else None
 
     def chunk(token_ids: list[int], finish: str | None, usage: dict[str, int] | None) -> bytes:
         choice = {
@@ -105,7 +164,10 @@ def fake_app(tokens: list[int]) -> Any:
                     "headers": [(b"content-type", b"text/event-stream")],
                 }
             )
+            queue = stepper.join() if stepper else None
             for i, token in enumerate(out):
+                if queue is not None:
+                    await queue.get()
                 last = i == len(out) - 1
                 finish = ("stop" if token in stops else "length") if last else None
                 usage = (
@@ -114,6 +176,8 @@ def fake_app(tokens: list[int]) -> Any:
                 await send(
                     {"type": "http.response.body", "body": chunk([token], finish, usage), "more_body": True}
                 )
+            if stepper is not None and queue is not None:
+                stepper.leave(queue)
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
             return
         if path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
@@ -137,10 +201,10 @@ def fake_app(tokens: list[int]) -> Any:
     return app
 
 
-def serve_fake(port: int, n_tokens: int) -> None:
+def serve_fake(port: int, n_tokens: int, paced: bool) -> None:
     import uvicorn
 
-    uvicorn.run(fake_app(harmony_answer(n_tokens)), host="127.0.0.1", port=port, log_level="warning")
+    uvicorn.run(fake_app(harmony_answer(n_tokens), paced), host="127.0.0.1", port=port, log_level="warning")
 
 
 # --- processes ----------------------------------------------------------------------------------
@@ -175,6 +239,7 @@ def start_processes(args: argparse.Namespace, data_dir: Path) -> tuple[subproces
             str(fake_port),
             "--tokens",
             str(args.tokens),
+            *(["--paced"] if args.paced else []),
         ],
         cwd=Path(__file__).resolve().parents[1],
     )
@@ -384,13 +449,18 @@ if __name__ == "__main__":
     parser.add_argument(
         "--api-env", nargs="*", default=[], metavar="KEY=VALUE", help="extra environment for the API only"
     )
+    parser.add_argument(
+        "--paced",
+        action="store_true",
+        help="the fake steps like vLLM on the H200 (H200_STEP_MS): wall-clock ratios, not CPU only",
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the API's data dir and log")
     parser.add_argument("--serve-fake", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-api-profiled", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_fake:
-        serve_fake(args.serve_fake, args.tokens)
+        serve_fake(args.serve_fake, args.tokens, args.paced)
     elif args.serve_api_profiled:
         serve_api_profiled(args.serve_api_profiled)
     else:

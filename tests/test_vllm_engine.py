@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
@@ -552,8 +551,7 @@ def test_sse_events_split_anywhere_and_crlf_parse_the_same() -> None:
             for piece in pieces:
                 yield piece
 
-        response = httpx.Response(200, content=stream())
-        return [batch async for batch in _sse_events(response)]
+        return [batch async for batch in _sse_events(stream())]
 
     raw = body.encode()
     split = asyncio.run(parse([raw[i : i + 7] for i in range(0, len(raw), 7)]))

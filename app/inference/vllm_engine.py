@@ -31,11 +31,11 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterable, AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import httpx
+import aiohttp
 
 from app.config import Settings
 from app.exceptions import Busy, Conflict, InvalidInput, NotFound, ServiceError
@@ -77,7 +77,6 @@ class VllmEngine:
         settings: Settings,
         *,
         gpu_release: GpuReleasePolicy | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if not settings.vllm_url:
             raise ValueError("VllmEngine needs settings.vllm_url (GPTOSS_VLLM_URL)")
@@ -87,10 +86,9 @@ class VllmEngine:
         self.served_model = settings.vllm_served_model  # None: asked of vLLM once it answers
         self._fingerprint: str | None = None
         self._gpu_release = gpu_release
-        self._transport = transport  # tests hand in a transport; production uses the network
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._client: httpx.AsyncClient | None = None
+        self._client: aiohttp.ClientSession | None = None
         self._start_lock = threading.Lock()
         self._lock = threading.Lock()  # in-flight count, resident table, sleep state
         self._in_flight = 0
@@ -139,7 +137,7 @@ class VllmEngine:
         if loop is None or thread is None:
             return
         if self._client is not None:
-            asyncio.run_coroutine_threadsafe(self._client.aclose(), loop).result(timeout=10)
+            asyncio.run_coroutine_threadsafe(self._client.close(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         self._thread = None
@@ -249,23 +247,10 @@ class VllmEngine:
     # --- engine thread ---------------------------------------------------------------------------
 
     def _run_loop(self, started: threading.Event) -> None:
-        # httpx logs every request at INFO: one line per generation and per health check, which at
-        # 64 concurrent streams is log noise and CPU on the engine loop; its warnings still show.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         self._loop = loop
-        key = self.settings.vllm_api_key
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        timeout = httpx.Timeout(self.settings.vllm_timeout_s, connect=self.settings.vllm_connect_timeout_s)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-        self._client = httpx.AsyncClient(
-            base_url=self.url,
-            headers=headers,
-            timeout=timeout,
-            limits=limits,
-            transport=self._transport,
-        )
+        self._client = loop.run_until_complete(self._open_client())
         if self._gpu_release is not None:
             loop.create_task(self._watch_training())
         started.set()
@@ -274,6 +259,19 @@ class VllmEngine:
         finally:
             loop.close()
             self._loop = None
+
+    async def _open_client(self) -> aiohttp.ClientSession:
+        """aiohttp, not httpx: at one token per SSE chunk the client's cost per chunk read is most of
+        the API's CPU, and httpx's (h11 events, anyio cancel scopes and timeouts per read) was about
+        three times aiohttp's (bench/vllm_overhead.py). No connection limit: every stream holds one."""
+        key = self.settings.vllm_api_key
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        settings = self.settings
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.vllm_connect_timeout_s, sock_read=settings.vllm_timeout_s
+        )
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+        return aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector)
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run `coro` on the engine loop from another thread and return its result."""
@@ -330,14 +328,13 @@ class VllmEngine:
         assert self._client is not None
         received, reason = 0, "length"
         try:
-            async with self._client.stream("POST", "/v1/completions", json=body) as response:
-                if response.status_code != 200:
-                    await response.aread()
-                    raise _error_from_response(response, model)
+            async with self._client.post(self.url + "/v1/completions", json=body) as response:
+                if response.status != 200:
+                    raise _error_from_answer(await _Answer.read(response), model)
                 # An answered completion is proof of health: under load is_ready() (asked by every
                 # request) then never waits on a /health round trip from the routes' event loop.
                 self._healthy_until = time.monotonic() + 2.0
-                async for chunks in _sse_events(response):
+                async for chunks in _sse_events(response.content.iter_any()):
                     for chunk in chunks:
                         choice = (chunk.get("choices") or [{}])[0]
                         for token in choice.get("token_ids") or ():
@@ -351,7 +348,7 @@ class VllmEngine:
                     if request.sink.cancelled():  # closing the stream makes vLLM abort the request
                         request.sink.finish("cancelled", received)
                         return
-        except httpx.TransportError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise _unreachable(self.url, exc) from exc
         self.stats["tokens"] += received
         request.sink.finish(reason, received)
@@ -390,19 +387,15 @@ class VllmEngine:
     async def _post_load(self, adapter: AdapterSpec) -> None:
         # vLLM reads the folder itself: it mounts the data volume at the same path (docker-compose.yml).
         body = {"lora_name": adapter.id, "lora_path": str(adapter.path)}
-        assert self._client is not None
-        try:
-            response = await self._client.post("/v1/load_lora_adapter", json=body)
-        except httpx.TransportError as exc:
-            raise _unreachable(self.url, exc) from exc
-        if response.status_code == 200:
+        answer = await self._ask("POST", "/v1/load_lora_adapter", body=body)
+        if answer.status == 200:
             return
-        message = _error_message(response)
-        if response.status_code == 400 and "already been loaded" in message:
+        message = answer.message()
+        if answer.status == 400 and "already been loaded" in message:
             return  # loaded by an earlier life of this process; vLLM's copy is the same files
-        if response.status_code == 503:
+        if answer.status == 503:
             raise Busy(f"vLLM cannot load adapters right now: {message}", retry_after=5)
-        if response.status_code == 404:
+        if answer.status == 404:
             raise NotFound(
                 f"adapter '{adapter.name}': vLLM cannot read its files at {body['lora_path']} ({message}); "
                 "check that the vLLM service mounts the data volume at the same path",
@@ -425,13 +418,9 @@ class VllmEngine:
 
     async def _unload(self, adapter_id: str) -> None:
         self._forget(adapter_id)
-        assert self._client is not None
-        try:
-            response = await self._client.post("/v1/unload_lora_adapter", json={"lora_name": adapter_id})
-        except httpx.TransportError as exc:
-            raise _unreachable(self.url, exc) from exc
-        if response.status_code not in (200, 404):  # 404: not loaded there, which is what we wanted
-            raise ServiceError(f"vLLM could not unload adapter {adapter_id}: {_error_message(response)}")
+        answer = await self._ask("POST", "/v1/unload_lora_adapter", body={"lora_name": adapter_id})
+        if answer.status not in (200, 404):  # 404: not loaded there, which is what we wanted
+            raise ServiceError(f"vLLM could not unload adapter {adapter_id}: {answer.message()}")
         self.stats["unloads"] += 1
 
     def _forget(self, adapter_id: str) -> None:
@@ -445,11 +434,10 @@ class VllmEngine:
                 entry.in_flight -= 1
 
     async def _refresh_health(self) -> bool:
-        assert self._client is not None
         try:
-            response = await self._client.get("/health", timeout=self.settings.vllm_connect_timeout_s)
-            ok = response.status_code == 200 and bool(await self._base_name())
-        except (httpx.TransportError, ServiceError):
+            answer = await self._ask("GET", "/health", timeout_s=self.settings.vllm_connect_timeout_s)
+            ok = answer.status == 200 and bool(await self._base_name())
+        except ServiceError:  # Busy (unreachable) included
             ok = False
         self._healthy_until = time.monotonic() + 2.0 if ok else 0.0
         return ok
@@ -459,14 +447,10 @@ class VllmEngine:
         (run-time LoRA adapters are listed with the base as their parent)."""
         if self.served_model:
             return self.served_model
-        assert self._client is not None
-        try:
-            response = await self._client.get("/v1/models")
-        except httpx.TransportError as exc:
-            raise _unreachable(self.url, exc) from exc
-        if response.status_code != 200:
-            raise ServiceError(f"vLLM /v1/models failed: {_error_message(response)}")
-        bases = [m["id"] for m in response.json().get("data", []) if not m.get("parent")]
+        answer = await self._ask("GET", "/v1/models")
+        if answer.status != 200:
+            raise ServiceError(f"vLLM /v1/models failed: {answer.message()}")
+        bases = [m["id"] for m in answer.json().get("data", []) if not m.get("parent")]
         if len(bases) != 1:
             raise ServiceError(
                 f"vLLM serves {len(bases)} base models ({bases}); set vllm_served_model to the one to use"
@@ -480,11 +464,10 @@ class VllmEngine:
         with self._lock:
             self._asleep = True  # refuse new requests from now on
         await self._drain()
-        assert self._client is not None
-        response = await self._client.post("/sleep", params={"level": str(SLEEP_LEVEL)})
-        if response.status_code != 200:
+        answer = await self._ask("POST", "/sleep", params={"level": str(SLEEP_LEVEL)})
+        if answer.status != 200:
             raise ServiceError(
-                f"vLLM /sleep failed: {_error_message(response)} "
+                f"vLLM /sleep failed: {answer.message()} "
                 "(does the server run with --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1?)"
             )
         self.stats["sleeps"] += 1
@@ -497,10 +480,9 @@ class VllmEngine:
             await asyncio.sleep(0.05)
 
     async def _wake(self) -> None:
-        assert self._client is not None
-        response = await self._client.post("/wake_up")
-        if response.status_code != 200:
-            raise ServiceError(f"vLLM /wake_up failed: {_error_message(response)}")
+        answer = await self._ask("POST", "/wake_up")
+        if answer.status != 200:
+            raise ServiceError(f"vLLM /wake_up failed: {answer.message()}")
         with self._lock:
             self._asleep = False
         self.stats["wakes"] += 1
@@ -523,6 +505,26 @@ class VllmEngine:
 
     def _busy_training(self) -> Busy:
         return busy_training(self.settings)
+
+    async def _ask(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> _Answer:
+        """One call that is not a generation, read whole; unreachable = Busy (503, retry)."""
+        assert self._client is not None
+        timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s else None
+        try:
+            async with self._client.request(
+                method, self.url + path, json=body, params=params, timeout=timeout
+            ) as response:
+                return await _Answer.read(response)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _unreachable(self.url, exc) from exc
 
 
 # --- request / response mapping --------------------------------------------------------------------
@@ -550,12 +552,35 @@ def completion_body(
     return body
 
 
-async def _sse_events(response: httpx.Response) -> AsyncIterator[list[dict[str, Any]]]:
+@dataclass
+class _Answer:
+    """A vLLM answer read whole: its status, body and Retry-After."""
+
+    status: int
+    text: str
+    retry_after: str | None = None
+
+    @classmethod
+    async def read(cls, response: aiohttp.ClientResponse) -> _Answer:
+        text = await response.text(errors="replace")
+        return cls(response.status, text, response.headers.get("Retry-After"))
+
+    def json(self) -> Any:
+        return json.loads(self.text)
+
+    def message(self) -> str:
+        try:
+            return _message_of(self.json())
+        except ValueError:
+            return self.text[:500] or f"HTTP {self.status}"
+
+
+async def _sse_events(pieces: AsyncIterable[bytes]) -> AsyncIterator[list[dict[str, Any]]]:
     """The JSON objects of a server-sent event stream up to ``data: [DONE]``, a list per piece the
-    connection handed over (bytes split by hand: httpx's line iterator decodes and re-splits every
-    chunk, which cost more than the JSON at one token per chunk); an error event raises."""
+    connection handed over (``iter_any``: one wake-up per network read, not per line; the bytes split
+    by hand); an error event raises."""
     buffer = b""
-    async for raw in response.aiter_bytes():
+    async for raw in pieces:
         buffer += raw
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n")
@@ -586,13 +611,6 @@ def _finish_reason(vllm_reason: str, seen: str) -> str:
     return "cancelled" if vllm_reason == "abort" else vllm_reason
 
 
-def _error_message(response: httpx.Response) -> str:
-    try:
-        return _message_of(response.json())
-    except ValueError:
-        return response.text[:500] or f"HTTP {response.status_code}"
-
-
 def _message_of(data: Any) -> str:
     if isinstance(data, dict):
         error = data.get("error", data)
@@ -602,17 +620,17 @@ def _message_of(data: Any) -> str:
     return str(data)
 
 
-def _error_from_response(response: httpx.Response, model: str) -> Exception:
+def _error_from_answer(answer: _Answer, model: str) -> Exception:
     """vLLM's error answer as our errors: 404 for the model = not loaded (reload), 400 = the
     request (the prompt's length, mostly), 429/503 = Busy, else a 500 that says vLLM failed."""
-    message = _error_message(response)
-    status = response.status_code
+    message = answer.message()
+    status = answer.status
     if status == 404 and "does not exist" in message:
         return _NotLoaded(model)
     if status == 400:
         return InvalidInput("messages", f"vLLM refused the request: {message}")
     if status in (429, 503):
-        retry = response.headers.get("Retry-After", "1")
+        retry = answer.retry_after or "1"
         return Busy(
             f"vLLM is busy: {message}; retry shortly", retry_after=int(retry) if retry.isdigit() else 1
         )
