@@ -32,7 +32,7 @@ vllm_serve $M/mx20b 8001 $RUN/vllm_mx20b.log --gpu-memory-utilization 0.55
 python3 bench/vllm_adapters.py --model $M/mx20b --out $M/ad --count 6 > /dev/null 2>&1; log "20b adapters rc=$?"
 wait_up 8101 90; log "peaked vllm up rc=$?"
 GPTOSS_TEST_VLLM_URL=http://127.0.0.1:8101 GPTOSS_TEST_VLLM_MODEL=$M/peaked GPTOSS_TEST_VLLM_ADAPTERS=$M/pad \
-  timeout 150 python3 -m pytest -p no:cacheprovider --noconftest -m gpu -v -s -rA tests/test_gpu_vllm.py > $RUN/gpu-tests.txt 2>&1
+  timeout 240 python3 -m pytest -p no:cacheprovider --noconftest -m gpu -v -s -rA tests/test_gpu_vllm.py > $RUN/gpu-tests.txt 2>&1
 log "golden tests rc=$?"
 export GPTOSS_BASE_MODEL=$M/mx20b GPTOSS_DATA_DIR=/tmp/apidata GPTOSS_AUTH=none GPTOSS_VLLM_URL=http://127.0.0.1:8001
 export GPTOSS_MAX_CONCURRENT_GENERATIONS=256 GPTOSS_RATE_LIMIT_PER_MINUTE=0 GPTOSS_VLLM_MAX_CPU_LORAS=8
@@ -51,6 +51,7 @@ timeout $((${DEADLINE:-440} - SECONDS)) python3 bench/vllm_bench.py --vllm-url h
   --adapters ad_a0,ad_a1,ad_a2,ad_a3 --fresh ad_a4=$M/ad/a4,ad_a5=$M/ad/a5 --label "mxfp4 20b random, rank 16" \
   --out $RUN/vllm_bench.json > $RUN/bench.log 2>&1
 log "bench rc=$?"
+ps -eo pid,etime,cputime,args | grep -E "uvicorn|vllm.entrypoints" | grep -v grep > $RUN/ps.txt
 grep -iE "memory|KV cache|Marlin|backend|LoRA" $RUN/vllm_mx20b.log | head -30 > $RUN/vllm_notes.txt
 tar czf $RUN/logs.tgz -C $RUN vllm_peaked.log vllm_mx20b.log api.log register.log make_peaked.log make_mx20b.log bench.log 2>/dev/null
 rm -f $RUN/vllm_peaked.log $RUN/vllm_mx20b.log $RUN/api.log $RUN/register.log $RUN/make_peaked.log $RUN/make_mx20b.log $RUN/bench.log
