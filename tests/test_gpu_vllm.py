@@ -21,7 +21,6 @@ import json
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,8 @@ NEW_TOKENS = 8
 GAP = 2.0  # logits (their std is ~27 here): below this the reference is near a tie, either pick is right
 LOGPROB_TOL = 0.5
 ROUTING_TIE = 0.1  # router logits: a k-th vs (k+1)-th margin below this may round either way in bf16
-MAX_FLIPS = 6  # the closest near ties tried both ways: at most 2**6 reference forwards per token
+NEAREST = 6  # near ties tried at each step of the search, the closest first
+MAX_FLIPS = 3  # flips in one explanation: at most 6 + 36 + 216 reference forwards per token
 
 
 def _complete(model: str, prompt: list[int] = PROMPT) -> dict[str, Any]:
@@ -163,34 +163,51 @@ def _check_against_reference(model: Any, adapter: str | None, got: dict[str, Any
     )
     print(report[-1])  # on failure too: the margins are the diagnosis
     clear = [g > GAP for g in gaps]
-    assert sum(clear) >= len(clear) // 2, f"{adapter}: most positions are near ties: the model is not peaked"
+    if adapter is None:  # a property of the model; an adapter's answer may wander near more ties (a3)
+        assert sum(clear) >= len(clear) // 2, "most positions are near ties: the model is not peaked"
     last_layer = margins.shape[0] - 1
-    forwards: dict[frozenset[tuple[int, int]], torch.Tensor] = {}  # flips -> log-probs, on demand
+    # flips -> (log-probs at vLLM's positions, routing margins of that run), computed on demand
+    runs: dict[frozenset[tuple[int, int]], tuple[torch.Tensor, torch.Tensor]] = {
+        frozenset(): (logprobs, margins)
+    }
 
-    def ties_reaching(i: int) -> list[tuple[float, int, int]]:
-        """The closest near ties whose routing reaches token i: any layer's below the last at every
-        position up to it (attention carries them forward), the last layer's at its own position."""
-        at = len(PROMPT) - 1 + i
+    def run(flips: frozenset[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        if flips not in runs:
+            flipped = torch.log_softmax(routing.logits(model, adapter, ids, flips)[window], dim=-1)
+            runs[flips] = (flipped, torch.stack(routing.margins))
+        return runs[flips]
+
+    def ties_reaching(i: int, flips: frozenset[tuple[int, int]]) -> list[tuple[float, int, int]]:
+        """The closest near ties of a run whose routing reaches token i: any layer's below the last at
+        every position up to it (attention carries them forward), the last layer's at its own."""
+        at, run_margins = len(PROMPT) - 1 + i, run(flips)[1]
         near = [
-            (float(margins[layer, p]), layer, p)
+            (float(run_margins[layer, p]), layer, p)
             for layer in range(last_layer + 1)
             for p in (range(at + 1) if layer < last_layer else (at,))
-            if margins[layer, p] < ROUTING_TIE
+            if run_margins[layer, p] < ROUTING_TIE and (layer, p) not in flips
         ]
-        return sorted(near)[:MAX_FLIPS]
+        return sorted(near)[:NEAREST]
 
     def explained(i: int, token: int) -> str | None:
-        """The near ties whose other choice makes `token` the reference's argmax at i (None: none)."""
-        ties = ties_reaching(i)
-        for n in range(1, len(ties) + 1):
-            for subset in combinations(ties, n):
-                flips = frozenset((layer, p) for _, layer, p in subset)
-                if flips not in forwards:
-                    flipped = routing.logits(model, adapter, ids, flips)[window]
-                    forwards[flips] = torch.log_softmax(flipped, dim=-1)
-                alt = forwards[flips][i]
-                if int(alt.argmax()) == token and abs(float(alt[token]) - got["logprobs"][i]) <= LOGPROB_TOL:
-                    return ", ".join(f"layer {layer} position {p} margin {m:.3f}" for m, layer, p in subset)
+        """Flips that make `token` the reference's argmax at i, found breadth first: one of the closest
+        near ties, then one of the closest near ties of that run (a flip moves the hidden states, so
+        other margins shrink or grow), up to MAX_FLIPS. None: no such choice explains it."""
+        frontier: dict[frozenset[tuple[int, int]], str] = {frozenset(): ""}
+        for _ in range(MAX_FLIPS):
+            grown: dict[frozenset[tuple[int, int]], str] = {}
+            for flips, said in frontier.items():
+                for margin, layer, p in ties_reaching(i, flips):
+                    candidate = flips | {(layer, p)}
+                    if candidate in runs:
+                        continue
+                    why = f"{said}{', then ' if said else ''}layer {layer} position {p} (margin {margin:.3f})"
+                    alt = run(candidate)[0][i]
+                    close = abs(float(alt[token]) - got["logprobs"][i]) <= LOGPROB_TOL
+                    if int(alt.argmax()) == token and close:
+                        return why
+                    grown[candidate] = why
+            frontier = grown
         return None
 
     for i, token in enumerate(got["tokens"]):
@@ -200,7 +217,7 @@ def _check_against_reference(model: Any, adapter: str | None, got: dict[str, Any
         if token == argmax[i] and abs(ref - got["logprobs"][i]) <= LOGPROB_TOL:
             continue
         why = explained(i, token)
-        named = [(layer, p, round(m, 3)) for m, layer, p in ties_reaching(i)]
+        named = [(layer, p, round(m, 3)) for m, layer, p in ties_reaching(i, frozenset())]
         assert why is not None, (
             f"{adapter}: token {i} is {token} (logprob {got['logprobs'][i]:.3f}), the reference's argmax is "
             f"{argmax[i]} (logit gap {gaps[i]:.2f}; reference logprob of {token}: {ref:.3f}), and no other "
