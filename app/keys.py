@@ -6,13 +6,14 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
 from app.models import ApiKey
 
 SCOPES = ("read", "train", "generate", "admin")
+LAST_USED_EVERY_S = 60
 KEY_PREFIX = "gpt-"
 
 
@@ -38,15 +39,22 @@ def create_api_key(session: Session, name: str, scopes: list[str]) -> tuple[ApiK
 
 
 def find_active_key(session: Session, secret: str) -> ApiKey | None:
-    """The unrevoked key with this secret, its last use stamped; None when there is none.
-
-    One statement that writes first: no read-then-write transaction on the hot path of every request."""
+    """The unrevoked key with this secret; None when there is none. Its last use is stamped at most
+    once every LAST_USED_EVERY_S: a stamp on every request made every authenticated request a write
+    transaction (SQLite runs one at a time) for a field read to the minute. The read's transaction
+    ends before the stamp's begins, so no transaction upgrades from read to write."""
     key = session.scalar(
-        update(ApiKey)
-        .where(ApiKey.key_hash == hash_key(secret), ApiKey.revoked_at.is_(None))
-        .values(last_used_at=utcnow())
-        .returning(ApiKey),
-        execution_options={"synchronize_session": False},
+        select(ApiKey).where(ApiKey.key_hash == hash_key(secret), ApiKey.revoked_at.is_(None))
     )
     session.commit()
+    if key is None:
+        return None
+    now = utcnow()
+    if key.last_used_at is None or (now - key.last_used_at).total_seconds() >= LAST_USED_EVERY_S:
+        session.execute(
+            update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=now),
+            execution_options={"synchronize_session": False},
+        )
+        session.commit()
+        key.last_used_at = now
     return key

@@ -18,6 +18,7 @@ if os.environ.get("GPTOSS_BACKEND", "auto").strip().lower() != "hf":
 
 from app import identity, queue  # noqa: E402
 from app.api import errors, metrics, middleware
+from app.api.deps import AdapterLookup
 from app.api.paths import HEALTHZ, READYZ
 from app.api.routes import (
     adapters,
@@ -93,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
+    app.state.adapters = AdapterLookup()
     app.state.db = make_engine(settings)
     app.state.sessionmaker = make_sessionmaker(app.state.db)
     app.state.write_sessionmaker = make_sessionmaker(app.state.db, immediate=True)

@@ -115,3 +115,45 @@ def test_idempotency_keys_are_scoped_per_api_key(keyed_client: TestClient, keys:
     assert trainer.json()["id"] != admin.json()["id"]
     again = keyed_client.post("/jobs", json=body, headers={**bearer(keys["admin"]), **same})
     assert again.status_code == 200 and again.json()["id"] == admin.json()["id"]
+
+
+def test_last_use_is_stamped_once_a_minute_and_revocation_is_immediate(
+    keyed_settings: Settings, keys: dict[str, str]
+) -> None:
+    """A key's last use is written at most once a minute (not a write transaction per request), while
+    a revoked key is refused by the very next request."""
+    import sqlite3
+
+    from app.keys import hash_key
+
+    key = create_key(keyed_settings, "read").stdout.strip()
+    db_path = keyed_settings.data_dir / "service.db"
+    long_ago = "2000-01-01 00:00:00.000000"
+
+    def last_used() -> str | None:
+        with sqlite3.connect(db_path) as db:
+            row = db.execute("SELECT last_used_at FROM api_keys WHERE key_hash = ?", (hash_key(key),))
+            value: str | None = row.fetchone()[0]
+        return value
+
+    with TestClient(create_app(keyed_settings)) as client:
+        assert last_used() is None
+        assert client.get("/jobs", headers=bearer(key)).status_code == 200
+        first = last_used()
+        assert first is not None
+        for _ in range(3):
+            assert client.get("/jobs", headers=bearer(key)).status_code == 200
+        assert last_used() == first  # within the minute: no new write
+        with sqlite3.connect(db_path) as db:
+            db.execute(
+                "UPDATE api_keys SET last_used_at = '2000-01-01 00:00:00' WHERE key_hash = ?",
+                (hash_key(key),),
+            )
+        assert client.get("/jobs", headers=bearer(key)).status_code == 200
+        assert last_used() not in (first, long_ago)  # an old stamp is renewed
+        with sqlite3.connect(db_path) as db:
+            db.execute(
+                "UPDATE api_keys SET revoked_at = '2026-01-01 00:00:00' WHERE key_hash = ?", (hash_key(key),)
+            )
+        refused = client.get("/jobs", headers=bearer(key))
+        assert refused.status_code == 401 and "revoked" in refused.json()["error"]["message"]

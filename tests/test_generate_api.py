@@ -130,6 +130,26 @@ def test_deleting_an_adapter_unloads_it(
     assert post(inference_server, body(adapter="doomed")).status_code == 404
 
 
+def test_adapter_lookups_are_remembered_for_at_most_their_ttl(
+    inference_server: LiveServer, task_adapters: dict[str, TrainedAdapter]
+) -> None:
+    """The generation routes remember an adapter lookup for AdapterLookup.TTL_S: a row deleted behind
+    this API's back (another API process) is still served within that bound, and refused after it. A
+    deletion through this API forgets at once (test_deleting_an_adapter_unloads_it)."""
+    from app.api.deps import AdapterLookup
+    from app.models import Adapter
+
+    folder = copy_adapter(task_adapters["capitals"], inference_server.settings.adapters_dir / "adp_ttl")
+    inference_server.register("adp_ttl", "ttl", folder)
+    assert post(inference_server, body(adapter="ttl")).status_code == 200
+    with inference_server.app.state.sessionmaker() as session:  # type: ignore[attr-defined]
+        session.delete(session.get(Adapter, "adp_ttl"))
+        session.commit()
+    assert post(inference_server, body(adapter="ttl")).status_code == 200  # remembered
+    time.sleep(AdapterLookup.TTL_S + 0.2)
+    assert post(inference_server, body(adapter="ttl")).status_code == 404
+
+
 def _error(response: httpx.Response, status: int) -> dict[str, Any]:
     assert response.status_code == status, response.text
     error: dict[str, Any] = response.json()["error"]

@@ -69,6 +69,7 @@ class FakeVllm:
 
         @app.get("/health")
         async def health() -> Response:
+            self.calls.append(("health", {}))
             return Response(status_code=200)
 
         @app.get("/v1/models")
@@ -322,6 +323,29 @@ def test_unreachable_server_is_busy(settings: Settings) -> None:
             sink.wait()
         assert caught.value.retry_after == 5
     finally:
+        engine.close()
+
+
+def test_readiness_follows_vllm_without_blocking(settings: Settings) -> None:
+    """is_ready() reads what the engine's health watch last saw: false while nothing listens, true
+    within a few seconds of vLLM coming up (no request needed), false again after it goes away; and
+    asking never waits on vLLM (every generation asks)."""
+    port, state = free_port(), FakeVllm()
+    engine = _engine(settings, f"http://127.0.0.1:{port}")
+    server = uvicorn.Server(uvicorn.Config(state.app(), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    try:
+        assert not engine.is_ready()
+        thread.start()
+        _wait(engine.is_ready)
+        asked = state.count("health")
+        assert all(engine.is_ready() for _ in range(200))
+        assert state.count("health") <= asked + 2  # the watch's own probes (one a second), not 200
+        server.should_exit = True
+        thread.join(timeout=10)
+        _wait(lambda: not engine.is_ready())
+    finally:
+        server.should_exit = True
         engine.close()
 
 

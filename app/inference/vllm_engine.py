@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Level 1 keeps the weights in CPU memory, so waking is a copy back (seconds), not a reload from disk.
 SLEEP_LEVEL = 1
+# /health is asked in the background this often (and not while completions keep arriving: each is
+# proof of health); a positive answer counts for HEALTHY_FOR_S, so is_ready() never waits on vLLM.
+HEALTH_POLL_S = 1.0
+HEALTHY_FOR_S = 2.5
 
 
 class _NotLoaded(Exception):
@@ -89,6 +93,7 @@ class VllmEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._client: aiohttp.ClientSession | None = None
+        self._watches: list[asyncio.Task[None]] = []  # health, and training when the GPU is shared
         self._start_lock = threading.Lock()
         self._lock = threading.Lock()  # in-flight count, resident table, sleep state
         self._in_flight = 0
@@ -136,19 +141,17 @@ class VllmEngine:
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
-        if self._client is not None:
-            asyncio.run_coroutine_threadsafe(self._client.close(), loop).result(timeout=10)
+        asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         self._thread = None
 
     def is_ready(self) -> bool:
-        """vLLM answered /health within the last few seconds and is awake."""
+        """vLLM answered (/health or a completion) within the last few seconds and is awake. Reads
+        what the engine loop's health watch last saw: every request asks, and none waits on vLLM."""
         if self._thread is None or not self._thread.is_alive() or self._asleep:
             return False
-        if time.monotonic() < self._healthy_until:
-            return True
-        return bool(self._call(self._refresh_health(), timeout=self.settings.vllm_connect_timeout_s + 1))
+        return time.monotonic() < self._healthy_until
 
     @property
     def fingerprint(self) -> str:
@@ -251,14 +254,22 @@ class VllmEngine:
         asyncio.set_event_loop(loop)
         self._loop = loop
         self._client = loop.run_until_complete(self._open_client())
+        self._watches = [loop.create_task(self._watch_health())]
         if self._gpu_release is not None:
-            loop.create_task(self._watch_training())
+            self._watches.append(loop.create_task(self._watch_training()))
         started.set()
         try:
             loop.run_forever()
         finally:
             loop.close()
             self._loop = None
+
+    async def _shutdown(self) -> None:
+        for watch in self._watches:
+            watch.cancel()
+        await asyncio.gather(*self._watches, return_exceptions=True)
+        if self._client is not None:
+            await self._client.close()
 
     async def _open_client(self) -> aiohttp.ClientSession:
         """aiohttp, not httpx: at one token per SSE chunk the client's cost per chunk read is most of
@@ -331,9 +342,8 @@ class VllmEngine:
             async with self._client.post(self.url + "/v1/completions", json=body) as response:
                 if response.status != 200:
                     raise _error_from_answer(await _Answer.read(response), model)
-                # An answered completion is proof of health: under load is_ready() (asked by every
-                # request) then never waits on a /health round trip from the routes' event loop.
-                self._healthy_until = time.monotonic() + 2.0
+                # An answered completion is proof of health: the health watch need not ask.
+                self._healthy_until = time.monotonic() + HEALTHY_FOR_S
                 async for chunks in _sse_events(response.content.iter_any()):
                     for chunk in chunks:
                         choice = (chunk.get("choices") or [{}])[0]
@@ -439,8 +449,14 @@ class VllmEngine:
             ok = answer.status == 200 and bool(await self._base_name())
         except ServiceError:  # Busy (unreachable) included
             ok = False
-        self._healthy_until = time.monotonic() + 2.0 if ok else 0.0
+        self._healthy_until = time.monotonic() + HEALTHY_FOR_S if ok else 0.0
         return ok
+
+    async def _watch_health(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(HEALTH_POLL_S)
+            if time.monotonic() + HEALTH_POLL_S >= self._healthy_until:  # no completion lately
+                await self._refresh_health()
 
     async def _base_name(self) -> str:
         """vLLM's name for the base: the setting, else the model /v1/models lists without a parent

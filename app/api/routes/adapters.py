@@ -42,6 +42,7 @@ def delete_adapter(ref: str, request: Request, session: WriteSessionDep, _key: T
         engine.unload(adapter_id)
     session.delete(adapter)
     session.commit()
+    request.app.state.adapters.forget()  # the generation routes' remembered lookups (AdapterLookup)
     if engine is not None:
         engine.unload(
             adapter_id

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import GenerateKey, SessionDep, SettingsDep, generate_scope, owner_of, resolve_adapter
+from app.api.deps import GenerateKey, SessionDep, SettingsDep, generate_scope, owner_of
 from app.api.metrics import observe_generation
 from app.exceptions import ServiceError
 from app.inference import service
@@ -36,7 +36,7 @@ async def generate(
             top_p=body.top_p,
             seed=body.seed,
         ),
-        adapter=resolve_adapter(session, engine, body.adapter, owner=owner_of(key)),
+        adapter=request.app.state.adapters.resolve(session, engine, body.adapter, owner=owner_of(key)),
         stop=list(body.stop or []),
     )
     session.close()  # release the connection before the (long) generation

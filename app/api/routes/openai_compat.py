@@ -20,7 +20,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session
 
-from app.api.deps import GenerateKey, SessionDep, SettingsDep, generate_scope, owner_of, resolve_adapter
+from app.api.deps import (
+    AdapterLookup,
+    GenerateKey,
+    SessionDep,
+    SettingsDep,
+    generate_scope,
+    owner_of,
+)
 from app.api.metrics import observe_generation
 from app.exceptions import InvalidInput, NotFound, ServiceError
 from app.inference import service
@@ -128,7 +135,7 @@ async def chat_completions(
             top_p=body.top_p,
             seed=body.seed,
         ),
-        adapter=_adapter_for_model(session, engine, body.model, owner_of(key)),
+        adapter=_adapter_for_model(request.app.state.adapters, session, engine, body.model, owner_of(key)),
         stop=list(body.stop or []),
     )
     session.close()  # release the connection before the (long) generation
@@ -142,11 +149,13 @@ async def chat_completions(
     return _completion_body(assembler.completion, meta)
 
 
-def _adapter_for_model(session: Session, engine: Engine, model: str, owner: str | None) -> AdapterSpec | None:
+def _adapter_for_model(
+    adapters: AdapterLookup, session: Session, engine: Engine, model: str, owner: str | None
+) -> AdapterSpec | None:
     if model == engine.base_model_id:
         return None
     try:
-        return resolve_adapter(session, engine, model, owner=owner)
+        return adapters.resolve(session, engine, model, owner=owner)
     except NotFound:
         raise NotFound(
             f"model {model!r} does not exist; GET /v1/models lists the base and every adapter", field="model"
