@@ -250,7 +250,7 @@ class VllmEngine:
     # --- engine thread ---------------------------------------------------------------------------
 
     def _run_loop(self, started: threading.Event) -> None:
-        loop = asyncio.new_event_loop()
+        loop = _new_event_loop()
         asyncio.set_event_loop(loop)
         self._loop = loop
         self._client = loop.run_until_complete(self._open_client())
@@ -541,6 +541,15 @@ class VllmEngine:
                 return await _Answer.read(response)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _unreachable(self.url, exc) from exc
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where installed (as uvicorn's own loop is): this loop reads every streamed chunk."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 # --- request / response mapping --------------------------------------------------------------------

@@ -51,8 +51,19 @@ timeout $((${DEADLINE:-440} - SECONDS)) python3 bench/vllm_bench.py --vllm-url h
   --adapters ad_a0,ad_a1,ad_a2,ad_a3 --fresh ad_a4=$M/ad/a4,ad_a5=$M/ad/a5 --label "mxfp4 20b random, rank 16" \
   --out $RUN/vllm_bench.json > $RUN/bench.log 2>&1
 log "bench rc=$?"
+# The same API on uvicorn's pure-Python loop and HTTP parser (what it runs without uvloop/httptools), for
+# their share of the figures; only if the call has the time left.
+if [ $((${DEADLINE:-440} - SECONDS)) -gt 200 ]; then
+  (GPTOSS_ENGINE=vllm setsid python3 -m uvicorn --factory app.main:app_from_env --port 8002 --loop asyncio --http h11 \
+    --log-level warning > $RUN/api_asyncio.log 2>&1 &)
+  wait_up 8002 30 /readyz
+  timeout $((${DEADLINE:-440} - SECONDS)) python3 bench/vllm_bench.py --vllm-url http://127.0.0.1:8001 \
+    --api-url http://127.0.0.1:8002 --adapters ad_a0,ad_a1,ad_a2,ad_a3 --label "uvicorn --loop asyncio --http h11 (the engine thread still on uvloop)" \
+    --out $RUN/vllm_bench_asyncio_h11.json > $RUN/bench_asyncio.log 2>&1
+  log "bench (asyncio, h11) rc=$?"
+fi
 ps -eo pid,etime,cputime,args | grep -E "uvicorn|vllm.entrypoints" | grep -v grep > $RUN/ps.txt
 grep -iE "memory|KV cache|Marlin|backend|LoRA" $RUN/vllm_mx20b.log | head -30 > $RUN/vllm_notes.txt
-tar czf $RUN/logs.tgz -C $RUN vllm_peaked.log vllm_mx20b.log api.log register.log make_peaked.log make_mx20b.log bench.log 2>/dev/null
-rm -f $RUN/vllm_peaked.log $RUN/vllm_mx20b.log $RUN/api.log $RUN/register.log $RUN/make_peaked.log $RUN/make_mx20b.log $RUN/bench.log
+logs="vllm_peaked.log vllm_mx20b.log api.log api_asyncio.log register.log make_peaked.log make_mx20b.log bench.log bench_asyncio.log"
+(cd $RUN && tar czf logs.tgz $(ls $logs 2>/dev/null) && rm -f $logs)
 ls -la $RUN
