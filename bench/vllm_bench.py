@@ -43,12 +43,19 @@ def prompt_ids() -> list[int]:
 
 
 async def _sse(response: httpx.Response) -> Any:
-    async for line in response.aiter_lines():
-        if line.startswith("data:"):
-            data = line[5:].strip()
-            if data == "[DONE]":
-                return
-            yield json.loads(data)
+    """Server-sent events split on the bytes: httpx's line iterator also splits at U+2028, U+0085
+    and lone CRs, which a random model's text (in vLLM's `text` field) contains now and then."""
+    buffer = b""
+    async for raw in response.aiter_bytes():
+        buffer += raw.replace(b"\r\n", b"\n")
+        *events, buffer = buffer.split(b"\n\n")
+        for event in events:
+            for line in event.split(b"\n"):
+                if line.startswith(b"data:"):
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        return
+                    yield json.loads(data)
 
 
 async def vllm_request(
@@ -162,12 +169,13 @@ async def measure(args: argparse.Namespace, ids: list[int]) -> dict[str, dict[st
 
         runs = {"vllm_direct": runner("vllm_direct"), "our_api": runner("our_api")}
         adapters = args.adapters.split(",")
+        chosen = {k: v for k, v in SCENARIOS.items() if not args.only or k in args.only.split(",")}
         for run in runs.values():  # warm-up: every shape once, and every adapter loaded
-            for n, _ in SCENARIOS.values():
+            for n, _ in chosen.values():
                 await asyncio.gather(*(run(adapters[i % len(adapters)], 16) for i in range(n)))
-        out: dict[str, dict[str, list[dict[str, Any]]]] = {t: {s: [] for s in SCENARIOS} for t in runs}
+        out: dict[str, dict[str, list[dict[str, Any]]]] = {t: {s: [] for s in chosen} for t in runs}
         for _ in range(args.repeats):
-            for name, (n, new_tokens) in SCENARIOS.items():
+            for name, (n, new_tokens) in chosen.items():
                 for target, run in runs.items():
                     out[target][name].append(await scenario(run, adapters[: min(n, 4)], n, new_tokens))
         return out
@@ -234,6 +242,7 @@ def main() -> None:
         "registered here against the API's database (GPTOSS_DATA_DIR / GPTOSS_DATABASE_URL)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="runs of every scenario; the median is kept")
+    parser.add_argument("--only", default="", help="comma-separated scenario names (default: all)")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -250,7 +259,7 @@ def main() -> None:
         result[target] = {name: median_run(r) for name, r in scenarios.items()}
     result["api_over_direct"] = {
         k: round(result["our_api"][k]["tokens_per_s"] / result["vllm_direct"][k]["tokens_per_s"], 3)
-        for k in SCENARIOS
+        for k in result["vllm_direct"]
     }
     if args.fresh:
         result["success_to_answer"] = asyncio.run(success_to_answer(args))

@@ -53,12 +53,13 @@ timeout $((${DEADLINE:-440} - SECONDS)) python3 bench/vllm_bench.py --vllm-url h
 log "bench rc=$?"
 # The same API on uvicorn's pure-Python loop and HTTP parser (what it runs without uvloop/httptools), for
 # their share of the figures; only if the call has the time left.
-if [ $((${DEADLINE:-440} - SECONDS)) -gt 200 ]; then
+if [ $((${DEADLINE:-440} - SECONDS)) -gt 90 ]; then
   (GPTOSS_ENGINE=vllm setsid python3 -m uvicorn --factory app.main:app_from_env --port 8002 --loop asyncio --http h11 \
     --log-level warning > $RUN/api_asyncio.log 2>&1 &)
   wait_up 8002 30 /readyz
   timeout $((${DEADLINE:-440} - SECONDS)) python3 bench/vllm_bench.py --vllm-url http://127.0.0.1:8001 \
-    --api-url http://127.0.0.1:8002 --adapters ad_a0,ad_a1,ad_a2,ad_a3 --label "uvicorn --loop asyncio --http h11 (the engine thread still on uvloop)" \
+    --api-url http://127.0.0.1:8002 --adapters ad_a0,ad_a1,ad_a2,ad_a3 --repeats 2 \
+    --only one_request_adapter,c32_over_4_adapters,c64_over_4_adapters --label "uvicorn --loop asyncio --http h11 (the engine thread still on uvloop)" \
     --out $RUN/vllm_bench_asyncio_h11.json > $RUN/bench_asyncio.log 2>&1
   log "bench (asyncio, h11) rc=$?"
 fi
