@@ -383,3 +383,70 @@ def test_adapter_a1_alone_and_in_swapped_slots(adapters: list[str], reference: A
     a1_answers = {label: got["tokens"] for label, got in runs.items() if not label.startswith("a0")}
     print("a1 tokens per arrangement:", a1_answers)
     assert not failures, "\n".join(failures)
+
+
+def test_training_puts_vllm_to_sleep_and_frees_the_gpu(adapters: list[str], tmp_path: Path) -> None:
+    """One GPU shared by training and serving (release_gpu_during_training): while the training probe
+    says a job runs, the engine's GpuReleasePolicy puts vLLM to sleep (level 1: weights to CPU memory,
+    KV cache freed) and generations get 503 + Retry-After; once no job has run for the cooldown it
+    wakes vLLM, and an adapter answers exactly as before. Needs the server started with
+    --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1. Runs last: it leaves the server awake."""
+    import threading
+    import time
+
+    from app.config import Settings
+    from app.exceptions import Busy
+    from app.inference.base import create_engine
+    from app.inference.stream import CollectingSink
+    from app.inference.types import AdapterSpec, SamplingParams
+
+    training = threading.Event()
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        base_model=MODEL,
+        vllm_url=URL,
+        vllm_served_model=MODEL,
+        release_gpu_during_training=True,
+        release_poll_s=0.2,
+        release_cooldown_s=0.5,
+    )
+    engine = create_engine(settings, training_probe=training.is_set)
+    a0 = AdapterSpec(id=adapters[0], name="a0", path=Path(ADAPTERS) / "a0", fingerprint=None)
+
+    def generate() -> list[int]:
+        sink = CollectingSink(timeout_s=120)
+        engine.submit(PROMPT, SamplingParams(max_new_tokens=NEW_TOKENS), sink, a0)
+        return sink.wait()
+
+    def wait_for(predicate: Any, what: str, timeout_s: float = 120) -> float:
+        started = time.monotonic()
+        while not predicate():
+            assert time.monotonic() - started < timeout_s, f"{what}: not within {timeout_s} s"
+            time.sleep(0.05)
+        return time.monotonic() - started
+
+    engine.start()
+    try:
+        wait_for(engine.is_ready, "ready")
+        before = generate()
+        free_awake = torch.cuda.mem_get_info()[0]
+        training.set()
+        slept_s = wait_for(lambda: engine.stats["sleeps"] >= 1, "asleep")
+        free_asleep = torch.cuda.mem_get_info()[0]
+        with pytest.raises(Busy, match="training job") as refused:
+            generate()
+        assert refused.value.retry_after >= 1
+        training.clear()
+        woke_s = wait_for(engine.is_ready, "awake again")
+        after = generate()
+        freed_gib = (free_asleep - free_awake) / 2**30
+        print(
+            f"sleep: {slept_s:.2f} s after the job started, freed {freed_gib:.1f} GiB "
+            f"(free {free_awake / 2**30:.1f} -> {free_asleep / 2**30:.1f} GiB); "
+            f"awake and ready {woke_s:.2f} s after it ended; a0 before {before} after {after}"
+        )
+        assert freed_gib > 5, "sleeping freed almost nothing"
+        assert after == before, "the adapter answers differently after waking"
+    finally:
+        training.clear()
+        engine.close()

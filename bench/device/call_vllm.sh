@@ -26,7 +26,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $RUN/nvid
 log "start rev=${GIT_REV:-unknown}"
 python3 scripts/make_full_model.py --out $M/peaked --layers 2 --lm-head-std 0.5 > $RUN/make_peaked.log 2>&1; log "peaked model rc=$?"
 python3 bench/vllm_adapters.py --model $M/peaked --out $M/pad --count 4 > /dev/null 2>&1; log "peaked adapters rc=$?"
-vllm_serve $M/peaked 8101 $RUN/vllm_peaked.log --enforce-eager --gpu-memory-utilization 0.25
+vllm_serve $M/peaked 8101 $RUN/vllm_peaked.log --enforce-eager --gpu-memory-utilization 0.25 --enable-sleep-mode
 python3 scripts/make_full_model.py --out $M/mx20b --mxfp4 > $RUN/make_mx20b.log 2>&1; log "mxfp4 20b rc=$?"
 vllm_serve $M/mx20b 8001 $RUN/vllm_mx20b.log --gpu-memory-utilization 0.55
 python3 bench/vllm_adapters.py --model $M/mx20b --out $M/ad --count 6 > /dev/null 2>&1; log "20b adapters rc=$?"
