@@ -11,6 +11,8 @@ import importlib
 import importlib.util
 import re
 import shlex
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,38 @@ def _command(service: dict[str, Any]) -> list[str]:
 
 
 # --- docker-compose.yml -------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    not shutil.which("docker-compose"), reason="docker-compose not installed (scripts/install-system.sh)"
+)
+def test_compose_config_is_valid(tmp_path: Path) -> None:
+    """`docker-compose config` (Debian's 1.29: it validates against the Compose specification's schema
+    and resolves the file, no Docker daemon needed) accepts the file and lists every service, the
+    second GPU's worker under its profile. 1.29 predates the top-level `name` key, which Compose v2
+    reads, so the copy it checks goes without that one line."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert re.search(r"^name: \S+$", text, re.M)
+    copy = tmp_path / "docker-compose.yml"
+    copy.write_text(re.sub(r"^name: \S+\n", "", text, flags=re.M))
+
+    resolved = subprocess.run(
+        ["docker-compose", "-f", str(copy), "--project-directory", str(ROOT), "config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert resolved.returncode == 0, resolved.stderr
+    services = subprocess.run(
+        ["docker-compose", "-f", str(copy), "--project-directory", str(ROOT), "--profile", "gpu1"]
+        + ["config", "--services"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert services.returncode == 0, services.stderr
+    assert set(services.stdout.split()) == {"postgres", "migrate", "vllm", "api", "worker", "worker-gpu1"}
+    assert "ports:" in resolved.stdout  # the API's one published port survives the resolution
 
 
 def test_services_and_start_order(compose: dict[str, Any]) -> None:
