@@ -167,7 +167,7 @@ async def measure(args: argparse.Namespace, ids: list[int]) -> dict[str, dict[st
 
             return run
 
-        runs = {"vllm_direct": runner("vllm_direct"), "our_api": runner("our_api")}
+        runs = {t: runner(t) for t in ("vllm_direct", "our_api") if t in args.targets.split(",")}
         adapters = args.adapters.split(",")
         chosen = {k: v for k, v in SCENARIOS.items() if not args.only or k in args.only.split(",")}
         for run in runs.values():  # warm-up: every shape once, and every adapter loaded
@@ -233,7 +233,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--vllm-url", required=True)
-    parser.add_argument("--api-url", required=True)
+    parser.add_argument("--api-url", default="", help="our API (needed unless --targets vllm_direct)")
     parser.add_argument("--adapters", required=True, help="4 adapter ids, registered in both")
     parser.add_argument(
         "--fresh",
@@ -243,6 +243,7 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3, help="runs of every scenario; the median is kept")
     parser.add_argument("--only", default="", help="comma-separated scenario names (default: all)")
+    parser.add_argument("--targets", default="vllm_direct,our_api", help="vllm_direct, our_api or both")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -257,10 +258,11 @@ def main() -> None:
     runs = asyncio.run(measure(args, ids))
     for target, scenarios in runs.items():
         result[target] = {name: median_run(r) for name, r in scenarios.items()}
-    result["api_over_direct"] = {
-        k: round(result["our_api"][k]["tokens_per_s"] / result["vllm_direct"][k]["tokens_per_s"], 3)
-        for k in result["vllm_direct"]
-    }
+    if "our_api" in result and "vllm_direct" in result:
+        result["api_over_direct"] = {
+            k: round(result["our_api"][k]["tokens_per_s"] / result["vllm_direct"][k]["tokens_per_s"], 3)
+            for k in result["vllm_direct"]
+        }
     if args.fresh:
         result["success_to_answer"] = asyncio.run(success_to_answer(args))
     args.out.write_text(json.dumps(result, indent=1))
