@@ -11,8 +11,10 @@ log-probability, or the argmax once the reference decides its closest routing ne
 router logit within ROUTING_TIE, at any position that reaches the token) the other way: bf16 rounding
 lets either implementation pick the other expert there, which moves a peaked random model's logits by
 far more than GAP (calls 2-4 saw adapter a1 answer three ways: alone, beside a0, and in the
-reference). A wrong layout, scale or LoRA slot gives tokens that no such choice explains. In the mixed
-batch each answer must also score far better under its own adapter than under any other.
+reference; call 5 found each of those tokens this way). A wrong layout, scale or LoRA slot gives tokens
+that no such choice explains. An answer from a batch is held to its first token and to scoring far
+better under its own adapter than under any other (a batch moves which near ties fall which way). The
+last test puts the server to sleep the way a training job does (it needs --enable-sleep-mode).
 """
 
 from __future__ import annotations
