@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install.sh
-scripts/install-system.sh  # Debian packages the tests need (chromium for the console, postgresql)
+scripts/install-system.sh  # Debian packages the tests need (chromium for the console, postgresql, docker-compose)
 # shellcheck disable=SC1091
 . .venv/bin/activate
 
