@@ -36,6 +36,12 @@ def test_upload_validates_hashes_and_lists(svc_client: TestClient, svc_settings:
     assert svc_client.get(f"/files/{record['id']}").json() == record
     assert [f["id"] for f in svc_client.get("/files").json()["data"]] == [record["id"]]
     assert not list(svc_settings.uploads_dir.glob(".upload-*"))  # no temp file left behind
+    fetched = svc_client.get(f"/files/{record['id']}/content")
+    assert fetched.status_code == 200 and fetched.content == content
+    assert record["filename"] in fetched.headers["content-disposition"]
+    stored.unlink()  # the row without its bytes: said so, not a bare 500
+    lost = svc_client.get(f"/files/{record['id']}/content")
+    assert lost.status_code == 500 and record["id"] in lost.json()["error"]["message"]
 
 
 def test_bad_row_is_refused_with_its_number_and_field(svc_client: TestClient, svc_settings: Settings) -> None:

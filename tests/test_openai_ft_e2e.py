@@ -92,9 +92,12 @@ def test_upload_train_poll_and_chat_with_the_official_client(
     held_out.write_text("".join(sample.read_text().splitlines(keepends=True)[:4]))
     validation = trainer.files.create(file=held_out.open("rb"), purpose="fine-tune")
     assert trainer.files.retrieve(training.id).bytes == training.bytes
+    assert trainer.files.content(training.id).read() == sample.read_bytes()
     assert [f.id for f in trainer.files.list()] == [validation.id, training.id]
     with pytest.raises(openai.NotFoundError):  # another tenant's file, as if it did not exist
         reader.files.retrieve(training.id)
+    with pytest.raises(openai.NotFoundError):
+        reader.files.content(training.id)
     assert list(reader.files.list()) == []
 
     job = trainer.fine_tuning.jobs.create(

@@ -76,6 +76,8 @@ def test_files_belong_to_their_key(tenants: dict[str, Tenant]) -> None:
     never = "file_0000000000000000000000000"
     for path in (f"/files/{file_id}", f"/v1/files/{file_id}"):
         _missing(b.get(path), file_id)
+        _missing(b.get(f"{path}/content"), file_id)
+    assert a.get(f"/files/{file_id}/content").content == CAPITALS_ROW * 4  # the owner reads the bytes
     assert b.get(f"/files/{never}").json()["error"]["message"] == (
         b.get(f"/files/{file_id}").json()["error"]["message"].replace(file_id, never)
     )  # the same words as for an id that never existed

@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Query, Request, UploadFile, status
+from fastapi.responses import FileResponse
 
 from app import datasets
 from app.api.deps import ReadKey, SessionDep, SettingsDep, TrainKey, WriteSessionDep, key_id, owner_of
 from app.config import Settings
-from app.exceptions import LimitExceeded
+from app.exceptions import LimitExceeded, ServiceError
 from app.models import FileRecord
 from app.schemas import Deleted, FilePublic, Page
 
@@ -98,6 +99,24 @@ def list_files(
 def get_file(file_id: str, session: SessionDep, _key: ReadKey) -> FileRecord:
     """One uploaded file's record."""
     return datasets.get_file(session, file_id, owner=owner_of(_key))
+
+
+# The bytes as uploaded (JSONL); the route declares its 200 as a file, not the JSON of the others.
+CONTENT_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The file's bytes, as uploaded.", "content": {"application/octet-stream": {}}}
+}
+
+
+@router.get("/{file_id}/content", response_class=FileResponse, responses=CONTENT_RESPONSE)
+def get_file_content(file_id: str, session: SessionDep, _key: ReadKey) -> FileResponse:
+    """One uploaded file's bytes (what `openai`'s `client.files.content(id)` reads)."""
+    return content_response(datasets.get_file(session, file_id, owner=owner_of(_key)))
+
+
+def content_response(record: FileRecord) -> FileResponse:
+    if not Path(record.path).is_file():  # the row without its bytes: the data folder lost them
+        raise ServiceError(f"the bytes of file {record.id} are missing from the data folder ({record.path})")
+    return FileResponse(record.path, media_type="application/octet-stream", filename=record.filename)
 
 
 @router.delete("/{file_id}", response_model=Deleted)

@@ -28,6 +28,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from fastapi import APIRouter, Form, Header, Query, Request, Response, UploadFile
+from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app import queue
@@ -575,6 +576,12 @@ def list_files(
 def retrieve_file(file_id: str, session: SessionDep, key: ReadKey) -> FileObject:
     """One uploaded file."""
     return file_object(FilePublic.model_validate(files.get_file(file_id, session, key)))
+
+
+@router.get("/files/{file_id}/content", response_class=FileResponse, responses=files.CONTENT_RESPONSE)
+def retrieve_file_content(file_id: str, session: SessionDep, key: ReadKey) -> FileResponse:
+    """One uploaded file's bytes, as uploaded."""
+    return files.content_response(files.get_file(file_id, session, key))
 
 
 @router.delete("/files/{file_id}", response_model=FileDeleted)
