@@ -7,6 +7,7 @@ extra row is fetched to tell whether there is more.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from sqlalchemy import Select
@@ -28,6 +29,10 @@ class PageRows(NamedTuple):
         return {"data": rows, "has_more": self.has_more, "next_cursor": self.next_cursor}
 
 
+# With a `keep` test, rows are read this many at a time until a page (and one more) is kept.
+SCAN_CHUNK = 500
+
+
 def paginate(
     session: Session,
     query: Select[Any],
@@ -36,12 +41,28 @@ def paginate(
     after: Any,
     limit: int,
     newest_first: bool = True,
+    keep: Callable[[Any], bool] | None = None,
 ) -> PageRows:
-    """(rows, has_more, next_cursor) of `query` ordered by `column`, starting after the cursor `after`."""
-    if after is not None:
-        query = query.where(column < after if newest_first else column > after)
-    query = query.order_by(column.desc() if newest_first else column.asc()).limit(limit + 1)
-    rows = list(session.scalars(query))
+    """(rows, has_more, next_cursor) of `query` ordered by `column`, starting after the cursor `after`;
+    `keep`: only rows it accepts (a test SQL cannot spell the same on every database), read in chunks
+    so that a page is still `limit` kept rows and its cursor the last of them."""
+    order = column.desc() if newest_first else column.asc()
+
+    def past(cursor: Any) -> Select[Any]:
+        if cursor is None:
+            return query
+        return query.where(column < cursor if newest_first else column > cursor)
+
+    if keep is None:
+        rows = list(session.scalars(past(after).order_by(order).limit(limit + 1)))
+    else:
+        rows, cursor = [], after
+        while len(rows) <= limit:
+            chunk = list(session.scalars(past(cursor).order_by(order).limit(SCAN_CHUNK)))
+            rows += [row for row in chunk if keep(row)]
+            if len(chunk) < SCAN_CHUNK:
+                break
+            cursor = getattr(chunk[-1], column.key)
     page = rows[:limit]
     cursor = str(getattr(page[-1], column.key)) if page else None
     return PageRows(page, len(rows) > limit, cursor)

@@ -131,13 +131,27 @@ def queue_position(session: Session, job: Job) -> int | None:
 
 
 def list_jobs(
-    session: Session, *, status: str | None, after: str | None, limit: int, owner: str | None = None
+    session: Session,
+    *,
+    status: str | None,
+    after: str | None,
+    limit: int,
+    owner: str | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> PageRows:
-    """Newest first; `after` is the last id of the previous page."""
+    """Newest first; `after` is the last id of the previous page; `metadata`: only jobs whose metadata
+    has every one of these pairs (compared in Python: SQLite's JSON paths cannot name every key, such
+    as one with a quote or a non-ASCII letter, that the JSON column stores escaped)."""
     query = select(Job).where(where_owned(Job.api_key_id, owner))
     if status:
         query = query.where(Job.status == status)
-    return paginate(session, query, Job.id, after=after, limit=limit)
+    wanted = metadata or {}
+
+    def matches(job: Job) -> bool:
+        meta = job.meta or {}
+        return all(meta.get(name) == value for name, value in wanted.items())
+
+    return paginate(session, query, Job.id, after=after, limit=limit, keep=matches if wanted else None)
 
 
 def list_events(

@@ -126,6 +126,44 @@ def test_list_filters_by_status_and_pages_with_a_cursor(svc_client: TestClient) 
     assert svc_client.get("/jobs", params={"status": "nonsense"}).json()["error"]["field"] == "status"
 
 
+def test_list_filters_by_metadata_as_openai_sends_it(
+    svc_client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """metadata[<key>]=<value> (OpenAI's deepObject form), repeatable: every pair must match; pages of a
+    filtered list are whole (limit 1 here); keys with quotes, JSON-path characters or non-ASCII letters
+    are data like any other."""
+    monkeypatch.setattr("app.pagination.SCAN_CHUNK", 2)  # the scan crosses chunks, as on a long table
+    odd = 'ünï "quoted" key.$[0]'
+    made = [
+        submit(svc_client, metadata={"team": "research", "run": "1"})["id"],
+        submit(svc_client, metadata={"team": "ops"})["id"],
+        submit(svc_client, metadata={"team": "research", "run": "2", odd: "x"})["id"],
+        submit(svc_client)["id"],
+        submit(svc_client, metadata={"team": "research", "run": "3"})["id"],
+    ]
+
+    def listed(**params: str) -> list[str]:
+        seen: list[str] = []
+        after = None
+        while True:
+            query = {**params, "limit": "1", **({"after": after} if after else {})}
+            page = svc_client.get("/jobs", params=query).json()
+            seen += [job["id"] for job in page["data"]]
+            if not page["has_more"]:
+                return seen
+            after = page["next_cursor"]
+
+    assert listed(**{"metadata[team]": "research"}) == [made[4], made[2], made[0]]
+    assert listed(**{"metadata[team]": "research", "metadata[run]": "2"}) == [made[2]]
+    assert listed(**{f"metadata[{odd}]": "x"}) == [made[2]]
+    assert listed(**{"metadata[team]": "nobody"}) == []
+    v1 = svc_client.get("/v1/fine_tuning/jobs", params={"metadata[team]": "ops"}).json()["data"]
+    assert [job["id"] for job in v1] == [made[1]] and v1[0]["metadata"] == {"team": "ops"}
+    for bad in ({"metadata": "team"}, {"metadata[]": "x"}, {"metadata[" + "k" * 65 + "]": "x"}):
+        response = svc_client.get("/jobs", params=bad)
+        assert response.status_code == 422 and response.json()["error"]["field"] == "metadata", bad
+
+
 def test_cancel_while_queued_is_immediate_and_final(svc_client: TestClient) -> None:
     job = submit(svc_client)
     cancelled = svc_client.post(f"/jobs/{job['id']}/cancel")

@@ -116,8 +116,10 @@ def test_upload_train_poll_and_chat_with_the_official_client(
         model="tiny-gpt-oss",
         training_file=training.id,
         hyperparameters=loose({"n_epochs": 1, "learning_rate_multiplier": 2, **LONG_EPOCHS}),
+        metadata={"experiment": "epochs"},
     )
     assert second.hyperparameters.n_epochs == 1 and second.hyperparameters.learning_rate_multiplier == 2
+    assert [j.id for j in trainer.fine_tuning.jobs.list(metadata={"experiment": "epochs"})] == [second.id]
     with pytest.raises(
         openai.PermissionDeniedError
     ):  # cancelling needs `train`, as POST /jobs/{id}/cancel does

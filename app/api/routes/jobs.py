@@ -18,6 +18,8 @@ from app.ml.train_config import TrainConfig
 from app.models import Job
 from app.pagination import MAX_EVENT_ID
 from app.schemas import (
+    MAX_METADATA_KEYS,
+    MAX_METADATA_VALUE,
     AdapterPublic,
     CheckpointPublic,
     JobCreate,
@@ -113,6 +115,7 @@ def build_config(
 
 @router.get("", response_model=Page[JobPublic])
 def list_jobs(
+    request: Request,
     session: SessionDep,
     _key: ReadKey,
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
@@ -121,9 +124,37 @@ def list_jobs(
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict[str, Any]:
-    """Jobs, newest first, optionally only those in one status."""
-    page = queue.list_jobs(session, status=status_, after=after, limit=limit, owner=owner_of(_key))
+    """Jobs, newest first, optionally only those in one status, or (`metadata[<key>]=<value>`, as
+    OpenAI's client sends it, repeatable) only those whose metadata has every pair given."""
+    page = queue.list_jobs(
+        session,
+        status=status_,
+        after=after,
+        limit=limit,
+        owner=owner_of(_key),
+        metadata=metadata_filter(request),
+    )
     return page.as_page([job_public(session, job) for job in page.rows])
+
+
+def metadata_filter(request: Request) -> dict[str, str] | None:
+    """The `metadata[<key>]=<value>` query parameters (OpenAI's deepObject form) as a dict, checked
+    against the limits metadata is stored with; None when there are none."""
+    pairs: dict[str, str] = {}
+    for name, value in request.query_params.multi_items():
+        if name == "metadata" or (name.startswith("metadata[") and not name.endswith("]")):
+            raise InvalidInput("metadata", "filter as metadata[<key>]=<value>, e.g. metadata[team]=research")
+        if not name.startswith("metadata["):
+            continue
+        key = name[len("metadata[") : -1]
+        if not key or len(key) > 64 or len(value) > MAX_METADATA_VALUE:
+            raise InvalidInput(
+                "metadata", f"keys are 1-64 characters and values at most {MAX_METADATA_VALUE}; got {key!r}"
+            )
+        pairs[key] = value
+    if len(pairs) > MAX_METADATA_KEYS:
+        raise InvalidInput("metadata", f"at most {MAX_METADATA_KEYS} pairs")
+    return pairs or None
 
 
 @router.get("/{job_id}", response_model=JobPublic)

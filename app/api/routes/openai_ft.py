@@ -613,13 +613,14 @@ def create_job(
 
 @router.get("/fine_tuning/jobs", response_model=OpenAIList[FineTuningJob])
 def list_jobs(
+    request: Request,
     session: SessionDep,
     key: ReadKey,
     after: Annotated[str | None, Query(description="Last job id of the previous page.")] = None,
     limit: Annotated[int, Query(ge=1)] = 20,
 ) -> OpenAIList[FineTuningJob]:
-    """Jobs, newest first."""
-    page = jobs.list_jobs(session, key, status_=None, after=after, limit=min(limit, PAGE_MAX))
+    """Jobs, newest first; `metadata[<key>]=<value>` keeps those whose metadata has every pair."""
+    page = jobs.list_jobs(request, session, key, status_=None, after=after, limit=min(limit, PAGE_MAX))
     return listing([job_object(job) for job in page["data"]], page["has_more"])
 
 
