@@ -213,3 +213,39 @@ def chat_with_the_adapter(browser: Any, svc_server: str, job: dict[str, Any]) ->
     assert answer.find_element(By.CSS_SELECTOR, ".reasoning").is_displayed()
     meta = answer.find_element(By.CSS_SELECTOR, ".meta").text
     assert f"{plain['usage']['completion_tokens']} tokens" in meta
+
+
+def test_older_jobs_page_in_below_the_live_list(browser: Any, svc_server: str) -> None:
+    """Past the 50 newest (the live feed), "Show older jobs" loads GET /jobs pages below them; a job
+    pushed out of the live list by a newer one moves to the older rows, so every job shows once."""
+    from app.api.routes.console import FEED_JOBS
+
+    def submit() -> str:
+        body = {"dataset": "sample:capitals", "hyperparameters": {"max_steps": 1}}
+        response = httpx.post(svc_server + "/jobs", json=body, timeout=60)
+        assert response.status_code == 201, response.text
+        job_id: str = response.json()["id"]
+        return job_id
+
+    made = [submit() for _ in range(FEED_JOBS + 5)]  # no worker: they stay queued
+
+    def rows(selector: str) -> list[str]:
+        # read in one script: the live rows are re-rendered at every feed event (stale elements)
+        script = "return [...document.querySelectorAll(arguments[0])].map((row) => row.dataset.job)"
+        found: list[str] = browser.execute_script(script, selector)
+        return found
+
+    live, older = "table.jobs-table tbody:not(.older) tr", "table.jobs-table tbody.older tr"
+    browser.get(svc_server + "/")
+    wait(browser, lambda d: len(rows(live)) == FEED_JOBS, what="the live list")
+    shown = wait(browser, lambda d: [b for b in css(d, "#older-jobs") if b.is_displayed()], what="the button")
+    button = shown[0]
+    button.click()
+    wait(browser, lambda d: len(rows(older)) == 5, what="the older page")
+    assert rows(live) + rows(older) == made[::-1]  # newest first, each once
+    assert not browser.find_element(By.ID, "older-jobs").is_displayed()  # nothing older left
+
+    made.append(submit())  # pushes the oldest live job out of the feed
+    wait(browser, lambda d: rows(live)[:1] == [made[-1]], what="the new job in the live list")
+    wait(browser, lambda d: len(rows(older)) == 6, what="the pushed-out job among the older")
+    assert rows(live) + rows(older) == made[::-1]

@@ -41,7 +41,7 @@ router = APIRouter(include_in_schema=False)
 STATIC_DIR = Path(__file__).resolve().parents[2] / "console" / "static"
 # The bundle's files by name: a fixed list, so no request path ever reaches the filesystem.
 STATIC_FILES = {"console.js": "text/javascript", "console.css": "text/css", "favicon.svg": "image/svg+xml"}
-FEED_JOBS = 50  # the list shows the newest jobs; older ones are a GET /jobs page away
+FEED_JOBS = 50  # the list shows the newest jobs live; older ones are pages of GET /jobs ("Show older")
 POLL_S = 1.0  # one database read per interval, whoever is listening
 KEEPALIVE_S = 15.0  # an SSE comment this often keeps proxies from closing an idle stream
 EVENTS_PER_READ = 500
@@ -191,7 +191,7 @@ def _feed(request: Request, owner: str | None) -> JobsFeed:
             with sessionmaker() as session:
                 page = queue.list_jobs(session, status=None, after=None, limit=FEED_JOBS, owner=owner)
                 jobs = [_summary(session, job).model_dump(mode="json") for job in page.rows]
-            return json.dumps({"jobs": jobs})
+            return json.dumps({"jobs": jobs, "has_more": page.has_more})
 
         feeds[owner] = JobsFeed(read)
     return feeds[owner]

@@ -290,6 +290,8 @@ function route() {
 
 // --- jobs list ------------------------------------------------------------------------------------
 
+const OLDER_PAGE = 50;
+
 function jobsPage(main, signal) {
   document.title = "Jobs · gpt-oss tuner";
   const dot = liveDot();
@@ -312,6 +314,36 @@ function jobsPage(main, signal) {
     h("a", { href: "#/data" }, "Data"),
     " page.",
   );
+  // The newest jobs are live (the feed); older ones are loaded a page at a time on demand, below them,
+  // and stay as loaded. A job the feed stops listing (pushed out by a newer one) moves to the top of
+  // the older rows, so none falls between the two.
+  const older = h("tbody", { class: "older" });
+  table.append(older);
+  const showOlder = h("button", { type: "button", id: "older-jobs", hidden: true }, "Show older jobs");
+  const olderError = h("span", { class: "error-text", hidden: true });
+  let live = [];
+  let olderCursor = null;
+  let olderLoaded = false;
+  let olderHasMore = false;
+  showOlder.onclick = async () => {
+    showOlder.disabled = true;
+    try {
+      const after = olderLoaded ? olderCursor : live[live.length - 1].id;
+      const page = await api("GET", `/jobs?limit=${OLDER_PAGE}&after=${encodeURIComponent(after)}`, { signal });
+      older.append(...page.data.map(jobRow));
+      olderLoaded = true;
+      olderCursor = page.next_cursor || olderCursor;
+      olderHasMore = page.has_more;
+      showOlder.hidden = !olderHasMore;
+      olderError.hidden = true;
+    } catch (err) {
+      if (err.name === "AbortError") return;
+      olderError.hidden = false;
+      olderError.textContent = err.message;
+    } finally {
+      showOlder.disabled = false;
+    }
+  };
   main.append(
     h(
       "div",
@@ -323,12 +355,20 @@ function jobsPage(main, signal) {
       h("a", { class: "button", href: "#/data" }, "New job"),
     ),
     h("section", { class: "card flush" }, h("div", { class: "table-wrap" }, table), empty),
+    h("div", { class: "older-jobs" }, showOlder, olderError),
   );
   follow(
     () => "/console/events",
     signal,
     (name, data) => {
       if (name !== "jobs") return;
+      if (olderLoaded) {
+        const now = new Set(data.jobs.map((job) => job.id));
+        const pushedOut = live.filter((job) => !now.has(job.id));
+        older.prepend(...pushedOut.map(jobRow));
+      }
+      live = data.jobs;
+      showOlder.hidden = olderLoaded ? !olderHasMore : !data.has_more;
       body.replaceChildren(...data.jobs.map(jobRow));
       empty.hidden = data.jobs.length > 0;
       table.hidden = data.jobs.length === 0;
