@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -204,6 +204,26 @@ def copy_bandwidth_gbs(gib: float = 4.0, repeats: int = 10) -> float | None:
     del src, dst
     torch.cuda.empty_cache()
     return 2 * n / statistics.median(times) / 1e9
+
+
+def wait_http(
+    url: str, timeout_s: float, *, alive: Callable[[], None] | None = None, every_s: float = 0.5
+) -> float:
+    """Seconds until GET `url` answers 200. `alive` is called before every try and raises when a
+    process the wait depends on has exited; TimeoutError after `timeout_s`."""
+    import httpx
+
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if alive is not None:
+            alive()
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(every_s)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout_s:.0f} s")
 
 
 def service_env(

@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import run_header, write_json
+from bench.common import run_header, wait_http, write_json
 from bench.common import service_env as common_service_env
 from bench.gpu_e2e import free_port
 
@@ -96,14 +96,7 @@ class Processes:
         subprocess.run([sys.executable, "-c", code], env=self.env, cwd=ROOT, check=True)
         cmd = ["uvicorn", "app.main:app_from_env", "--factory", "--host", "127.0.0.1", "--port"]
         self.api = self._spawn("api", [sys.executable, "-m", *cmd, str(self.port), "--log-level", "warning"])
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        raise TimeoutError("the API did not answer /healthz")
+        wait_http(f"{self.url}/healthz", 120, every_s=0.3)
 
     def start_worker(self) -> subprocess.Popen[bytes]:
         self.workers_started += 1

@@ -35,7 +35,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import copy_bandwidth_gbs, run_header, summarize, write_json
+from bench.common import copy_bandwidth_gbs, run_header, summarize, wait_http, write_json
 from bench.common import service_env as common_service_env
 from bench.data import WORDS, uneven_rows, write_jsonl
 
@@ -143,16 +143,7 @@ class Service:
 
     def wait_for(self, path: str, timeout: float) -> float:
         """Seconds until GET `path` answers 200 (/healthz: HTTP is up; /readyz: the base is loaded)."""
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            self.check_alive()
-            try:
-                if httpx.get(f"{self.url}{path}", timeout=5).status_code == 200:
-                    return time.monotonic() - started
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"{path} did not answer 200 after {timeout:.0f} s; see api.log")
+        return wait_http(f"{self.url}{path}", timeout, alive=self.check_alive, every_s=1)
 
     def check_alive(self) -> None:
         for name, proc in self.procs.items():

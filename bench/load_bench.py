@@ -40,7 +40,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import run_header, write_json
+from bench.common import run_header, wait_http, write_json
 from bench.common import service_env as common_service_env
 from bench.gpu_e2e import free_port
 
@@ -111,18 +111,12 @@ class Service:
         self.procs[name] = subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
     def wait_healthy(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for name, proc in self.procs.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.logs}/{name}.log")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError("the API did not answer /healthz")
+        wait_http(f"{self.url}/healthz", timeout, alive=self.check_alive)
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.logs}/{name}.log")
 
     def stop(self) -> None:
         for proc in self.procs.values():

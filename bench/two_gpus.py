@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import run_header, write_json
+from bench.common import run_header, wait_http, write_json
 from bench.data import uneven_rows, write_jsonl
 from bench.gpu_e2e import ROOT, TERMINAL, free_port, job_hyperparameters, service_env, upload
 
@@ -69,16 +69,7 @@ class Service:
             )
         api = ["-m", "uvicorn", "app.main:app_from_env", "--factory", "--port", str(self.port)]
         self._spawn("api", [*api, "--log-level", "warning"], CUDA_VISIBLE_DEVICES="")
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            self.check_alive()
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError("the API did not answer /healthz in 120 s; see api.log")
+        wait_http(f"{self.url}/healthz", 120, alive=self.check_alive)
 
     def _spawn(self, name: str, args: list[str], **env: str) -> None:
         log = open(self.out / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process

@@ -33,6 +33,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import wait_http  # noqa: E402
+
 BASE = "served-base"
 PROMPT = [200006, 17360, 200008, 3086, 200007, 200006, 173781]  # ids only: the fake ignores them
 
@@ -210,18 +212,6 @@ def serve_fake(port: int, n_tokens: int, paced: bool) -> None:
 # --- processes ----------------------------------------------------------------------------------
 
 
-def _wait_http(url: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer within {timeout_s} s")
-
-
 def _cpu_s(pid: int) -> float:
     """utime + stime of the process, all its threads, in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -269,8 +259,8 @@ def start_processes(args: argparse.Namespace, data_dir: Path) -> tuple[subproces
         cmd += ["--log-level", "warning"]
     log = open(data_dir / "api.log", "wb")  # noqa: SIM115 (lives as long as the process)
     api = subprocess.Popen(cmd, env=env, cwd=Path(__file__).resolve().parents[1], stdout=log, stderr=log)
-    _wait_http(f"http://127.0.0.1:{fake_port}/health")
-    _wait_http(f"http://127.0.0.1:{api_port}/healthz")
+    wait_http(f"http://127.0.0.1:{fake_port}/health", 60, every_s=0.1)
+    wait_http(f"http://127.0.0.1:{api_port}/healthz", 60, every_s=0.1)
     return fake, api
 
 
