@@ -43,19 +43,13 @@ def prompt_ids() -> list[int]:
 
 
 async def _sse(response: httpx.Response) -> Any:
-    """Server-sent events split on the bytes: httpx's line iterator also splits at U+2028, U+0085
-    and lone CRs, which a random model's text (in vLLM's `text` field) contains now and then."""
-    buffer = b""
-    async for raw in response.aiter_bytes():
-        buffer += raw.replace(b"\r\n", b"\n")
-        *events, buffer = buffer.split(b"\n\n")
-        for event in events:
-            for line in event.split(b"\n"):
-                if line.startswith(b"data:"):
-                    data = line[5:].strip()
-                    if data == b"[DONE]":
-                        return
-                    yield json.loads(data)
+    """The stream's events, parsed on the bytes as the vLLM engine parses vLLM's (httpx's line
+    iterator also splits at U+2028, U+0085 and lone CRs, which a random model's text contains)."""
+    from app.inference.vllm_engine import sse_events
+
+    async for batch in sse_events(response.aiter_bytes()):
+        for event in batch:
+            yield event
 
 
 async def vllm_request(

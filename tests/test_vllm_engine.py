@@ -565,7 +565,7 @@ def test_tokens_arriving_together_are_handed_over_and_streamed_as_one_delta() ->
 def test_sse_events_split_anywhere_and_crlf_parse_the_same() -> None:
     """vLLM's events parsed from the raw bytes: an event split across reads, CRLF line ends, and
     several events in one read (handed on together) give the same events; an error event raises."""
-    from app.inference.vllm_engine import _sse_events
+    from app.inference.vllm_engine import sse_events
 
     events = [{"choices": [{"token_ids": [i], "finish_reason": None}]} for i in range(5)]
     body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
@@ -575,7 +575,7 @@ def test_sse_events_split_anywhere_and_crlf_parse_the_same() -> None:
             for piece in pieces:
                 yield piece
 
-        return [batch async for batch in _sse_events(stream())]
+        return [batch async for batch in sse_events(stream())]
 
     raw = body.encode()
     split = asyncio.run(parse([raw[i : i + 7] for i in range(0, len(raw), 7)]))

@@ -344,7 +344,7 @@ class VllmEngine:
                     raise _error_from_answer(await _Answer.read(response), model)
                 # An answered completion is proof of health: the health watch need not ask.
                 self._healthy_until = time.monotonic() + HEALTHY_FOR_S
-                async for chunks in _sse_events(response.content.iter_any()):
+                async for chunks in sse_events(response.content.iter_any()):
                     for chunk in chunks:
                         choice = (chunk.get("choices") or [{}])[0]
                         for token in choice.get("token_ids") or ():
@@ -600,7 +600,7 @@ class _Answer:
             return self.text[:500] or f"HTTP {self.status}"
 
 
-async def _sse_events(pieces: AsyncIterable[bytes]) -> AsyncIterator[list[dict[str, Any]]]:
+async def sse_events(pieces: AsyncIterable[bytes]) -> AsyncIterator[list[dict[str, Any]]]:
     """The JSON objects of a server-sent event stream up to ``data: [DONE]``, a list per piece the
     connection handed over (``iter_any``: one wake-up per network read, not per line; the bytes split
     by hand); an error event raises."""
